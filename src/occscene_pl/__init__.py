@@ -1,0 +1,3 @@
+"""occscene-pl."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from occscene_pl.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""Image transforms that keep the camera model consistent with the pixels.
+
+Every geometric change to an image (crop, resize, horizontal flip) is mirrored in its ``intrinsics`` and, for the
+flip, in ``voxel_to_camera``, so that projecting a voxel with the returned camera lands on the same content as
+before. The 3D target is never touched (MonoScene flips only the image and the projection; datasets.md §1.7).
+
+Pixel convention: pixel centres sit at integer coordinates, so a crop shifts the principal point by the crop offset,
+a resize by a factor ``s`` maps ``c -> (c + 0.5) * s - 0.5`` and a flip of a ``W``-wide image maps ``u -> W - 1 - u``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import ColorJitter
+from torchvision.transforms import functional as TF
+
+__all__ = ["CameraImage", "ImageTransform", "crop_view", "flip_view", "resize_view"]
+
+# (image, intrinsics (3, 3), voxel_to_camera (4, 4)) of one view.
+CameraImage = tuple[Image.Image, np.ndarray, np.ndarray]
+
+
+def crop_view(image: Image.Image, intrinsics: np.ndarray, box: Sequence[int]) -> tuple[Image.Image, np.ndarray]:
+    """Crop ``box = (left, top, right, bottom)`` (PIL convention) and shift the principal point to match."""
+    left, top, right, bottom = box
+    if right > image.width or bottom > image.height or left < 0 or top < 0:
+        raise ValueError(f"crop box {tuple(box)} does not fit an image of size {image.width}x{image.height}")
+    k = intrinsics.astype(np.float64).copy()
+    k[0, 2] -= left
+    k[1, 2] -= top
+    return image.crop((left, top, right, bottom)), k
+
+
+def resize_view(image: Image.Image, intrinsics: np.ndarray, size: Sequence[int]) -> tuple[Image.Image, np.ndarray]:
+    """Resize to ``size = (H, W)`` (bilinear with antialiasing) and scale the intrinsics to match."""
+    height, width = int(size[0]), int(size[1])
+    if (image.height, image.width) == (height, width):
+        return image, intrinsics.astype(np.float64).copy()
+    sx, sy = width / image.width, height / image.height
+    k = intrinsics.astype(np.float64).copy()
+    k[0, 0] *= sx
+    k[1, 1] *= sy
+    k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
+    k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
+    return image.resize((width, height), Image.BILINEAR, reducing_gap=None), k
+
+
+def flip_view(image: Tensor, intrinsics: Tensor, voxel_to_camera: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mirror one view horizontally and adapt the camera so projections follow the mirrored pixels.
+
+    Negating the camera x axis (a left multiplication of ``voxel_to_camera`` by ``diag(-1, 1, 1, 1)``) and moving the
+    principal point to ``W - 1 - c_x`` gives ``u' = W - 1 - u`` for every point, with a positive focal length.
+
+    Args:
+        image: ``(3, H, W)``.
+        intrinsics: ``(3, 3)``.
+        voxel_to_camera: ``(4, 4)``.
+    """
+    width = image.shape[-1]
+    k = intrinsics.clone()
+    k[0, 2] = width - 1 - k[0, 2]
+    mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=voxel_to_camera.dtype))
+    return image.flip(-1), k, mirror @ voxel_to_camera
+
+
+class ImageTransform:
+    """Resize, colour jitter and flip a multi-view sample consistently.
+
+    Args:
+        image_size: ``(H, W)`` of the returned images; ``None`` keeps the (cropped) native size.
+        color_jitter: brightness/contrast/saturation strength (MonoScene uses 0.4 in training); 0 disables it.
+        flip_prob: probability of mirroring all views of a sample horizontally (MonoScene: 0.5 in training).
+
+    Returns images as float32 in ``[0, 1]``; normalisation belongs to the models (the perceiver and the generator
+    normalise differently).
+    """
+
+    def __init__(
+        self,
+        image_size: Sequence[int] | None = None,
+        color_jitter: float = 0.0,
+        flip_prob: float = 0.0,
+    ) -> None:
+        if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
+            raise ValueError(f"image_size must be (H, W) with positive entries, got {image_size!r}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+        self.image_size = tuple(int(s) for s in image_size) if image_size is not None else None
+        self.flip_prob = flip_prob
+        self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+
+    def __call__(self, views: Sequence[CameraImage]) -> tuple[Tensor, Tensor, Tensor]:
+        """Transform the views of one sample.
+
+        Args:
+            views: ``V`` tuples ``(image, intrinsics (3, 3), voxel_to_camera (4, 4))``.
+
+        Returns:
+            ``images`` ``(V, 3, H, W)`` float32 in ``[0, 1]``, ``intrinsics`` ``(V, 3, 3)`` and ``voxel_to_camera``
+            ``(V, 4, 4)``, both float32.
+        """
+        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
+        images, intrinsics, extrinsics = [], [], []
+        for image, k, t in views:
+            image = image.convert("RGB")
+            if self.image_size is not None:
+                image, k = resize_view(image, k, self.image_size)
+            if self.jitter is not None:
+                image = self.jitter(image)
+            pixels = TF.to_tensor(image)  # (3, H, W) in [0, 1]
+            k_t = torch.as_tensor(np.asarray(k), dtype=torch.float32)
+            t_t = torch.as_tensor(np.asarray(t), dtype=torch.float32)
+            if flip:
+                pixels, k_t, t_t = flip_view(pixels, k_t, t_t)
+            images.append(pixels)
+            intrinsics.append(k_t)
+            extrinsics.append(t_t)
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) != 1:
+            raise ValueError(f"all views of a sample must share one size after the transform, got {sorted(shapes)}")
+        return torch.stack(images), torch.stack(intrinsics), torch.stack(extrinsics)

@@ -38,7 +38,18 @@ def test_root_override_and_composition(tmp_path: Path, capsys: pytest.CaptureFix
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("data:\n  init_args:\n    batch_size: 3\n")
     with pytest.raises(SystemExit):
-        main(["fit", "--config", "configs/kitti.yaml", "--config", str(overlay), "--data.root", "elsewhere", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/kitti.yaml",
+                "--config",
+                str(overlay),
+                "--data.root",
+                "elsewhere",
+                "--print_config",
+            ]
+        )
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["data"]["init_args"]["batch_size"] == 3
     assert resolved["data"]["init_args"]["root"] == "elsewhere"

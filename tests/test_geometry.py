@@ -66,7 +66,14 @@ def test_fov_is_strict_at_the_border() -> None:
     for u, inside in [(3.0, True), (4.0, False), (-1.0, False)]:
         origin = np.array([u - 0.5, 0.5, 0.5])
         _, fov, _ = vox2pix(t, k, origin, 1.0, width, height, (1, 1, 1))
-        proj = project_voxels((1, 1, 1), torch.tensor(origin)[None], 1.0, torch.tensor(k)[None, None], torch.tensor(t)[None, None], (height, width))
+        proj = project_voxels(
+            (1, 1, 1),
+            torch.tensor(origin)[None],
+            1.0,
+            torch.tensor(k)[None, None],
+            torch.tensor(t)[None, None],
+            (height, width),
+        )
         assert bool(fov[0]) is inside
         assert bool(proj.fov_mask[0, 0, 0]) is inside
 

@@ -74,7 +74,9 @@ def test_matches_monoscene_over_batches(n_classes: int) -> None:
     ref = monoscene_ssc_metrics(np.concatenate(all_preds), np.concatenate(all_gts), n_classes)
     torch.testing.assert_close(ours["per_class_iou"].double(), torch.from_numpy(ref["iou_ssc"]), rtol=1e-6, atol=1e-7)
     for key in ("miou", "iou", "precision", "recall"):
-        torch.testing.assert_close(ours[key].double(), torch.tensor(float(ref[key]), dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            ours[key].double(), torch.tensor(float(ref[key]), dtype=torch.float64), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_logits_are_argmaxed_and_batch_size_does_not_matter() -> None:

@@ -66,7 +66,12 @@ class PlaceholderSSCModule(pl.LightningModule):
         b, v, _, h, w = images.shape
         features = self.encoder(images.flatten(0, 1))  # (B*V, F, h', w')
         projection = project_voxels(
-            self.grid_size, batch["voxel_origin"], batch["voxel_size"], batch["intrinsics"], batch["voxel_to_camera"], (h, w)
+            self.grid_size,
+            batch["voxel_origin"],
+            batch["voxel_size"],
+            batch["intrinsics"],
+            batch["voxel_to_camera"],
+            (h, w),
         )
         grid = pixels_to_grid(projection.pixels, (h, w)).flatten(0, 1).unsqueeze(1)  # (B*V, 1, N, 2)
         lifted = F.grid_sample(features, grid, align_corners=False).squeeze(2)  # (B*V, F, N)

@@ -76,7 +76,7 @@ def test_image_transform_outputs_and_validation() -> None:
     image = Image.new("RGB", (128, 64), (255, 0, 0))
     images, k, t = ImageTransform(image_size=(16, 32), color_jitter=0.4)([(image, K, T), (image, K, T)])
     assert images.shape == (2, 3, 16, 32) and images.dtype == torch.float32
-    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert k.shape == (2, 3, 3) and t.shape == (2, 4, 4)
     with pytest.raises(ValueError, match="image_size"):
         ImageTransform(image_size=(16,))

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import ColorJitter
-from torchvision.transforms import functional as TF
 
 __all__ = ["CameraImage", "ImageTransform", "crop_view", "flip_view", "resize_view"]
 
@@ -114,7 +113,8 @@ class ImageTransform:
                 image, k = resize_view(image, k, self.image_size)
             if self.jitter is not None:
                 image = self.jitter(image)
-            pixels = TF.to_tensor(image)  # (3, H, W) in [0, 1]
+            # (3, H, W) in [0, 1]; from_numpy is several times faster than TF.to_tensor on large PIL images.
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
             k_t = torch.as_tensor(np.asarray(k), dtype=torch.float32)
             t_t = torch.as_tensor(np.asarray(t), dtype=torch.float32)
             if flip:

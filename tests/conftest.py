@@ -1,0 +1,51 @@
+"""Shared fixtures: fake dataset roots in the real on-disk formats, written once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy
+from tests.fakes.nyuv2 import write_fake_nyuv2
+from tests.fakes.semantic_kitti import write_fake_semantic_kitti
+
+REPO = Path(__file__).parents[1]
+KITTI_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI also looks at sys.argv; give it the program name only, as a user's shell would."""
+    monkeypatch.setattr(sys, "argv", ["occscene-pl"])
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def kitti_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every train and val sequence with one frame (MonoScene requires every sequence of a split)."""
+    root = tmp_path_factory.mktemp("semantic_kitti")
+    write_fake_semantic_kitti(
+        root, sequences={s: 1 for s in KITTI_SEQUENCES}, grid_size=(32, 32, 4), image_size=(96, 40)
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def nyuv2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nyuv2")
+    write_fake_nyuv2(root, split_counts={"train": 2, "test": 1}, grid_size=(8, 8, 4))
+    return root
+
+
+@pytest.fixture(scope="session")
+def nuscenes_roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("nuscenes")
+    root, occupancy_root = base / "nuscenes", base / "nuScenes-Occupancy"
+    write_fake_nuscenes_occupancy(root, occupancy_root, split_counts={"train": 2, "val": 1}, grid_size=(64, 64, 5))
+    return root, occupancy_root

@@ -21,13 +21,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the fakes live in tests/, which is not an installed package
     sys.path.insert(0, str(REPO))
 
+from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy  # noqa: E402
+from tests.fakes.nyuv2 import write_fake_nyuv2  # noqa: E402
+from tests.fakes.semantic_kitti import write_fake_semantic_kitti  # noqa: E402
+
 from occscene_pl.data.demo import generate_demo_dataset  # noqa: E402
 from occscene_pl.data.nuscenes_occupancy import NuScenesOccupancyDataset  # noqa: E402
 from occscene_pl.data.nyuv2 import NYUv2Dataset  # noqa: E402
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset  # noqa: E402
-from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy  # noqa: E402
-from tests.fakes.nyuv2 import write_fake_nyuv2  # noqa: E402
-from tests.fakes.semantic_kitti import write_fake_semantic_kitti  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -48,7 +49,9 @@ def run(out_dir: pathlib.Path) -> dict[str, Any]:
         generate_demo_dataset(tmp_path / "demo", num_train=320, num_val=64, seed=0)
         results["demo_generation_s"] = {"scenes": 384, "seconds": round(time.perf_counter() - start, 2)}
 
-        write_fake_semantic_kitti(tmp_path / "kitti", sequences={"08": 1}, grid_size=(256, 256, 32), image_size=(1241, 376))
+        write_fake_semantic_kitti(
+            tmp_path / "kitti", sequences={"08": 1}, grid_size=(256, 256, 32), image_size=(1241, 376)
+        )
         kitti = SemanticKittiDataset(tmp_path / "kitti", split="val")
         kitti[0]
         results["semantic_kitti_sample_ms"] = round(_median_ms(lambda: kitti[0]), 1)

@@ -9,7 +9,7 @@ scale), a 3D conv head, cross-entropy with ``ignore_index=255``. It does not gen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -81,6 +81,9 @@ class PlaceholderSSCModule(pl.LightningModule):
         volume = torch.cat([lifted / seen.clamp_min(1), seen.clamp_max(1)], dim=1)
         return self.head(volume.unflatten(-1, self.grid_size))  # (B, C, X, Y, Z)
 
+    def _metric(self, stage: str) -> SSCMetric:
+        return cast(SSCMetric, self.metrics[stage])
+
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target.long(), ignore_index=255)
 
@@ -93,14 +96,14 @@ class PlaceholderSSCModule(pl.LightningModule):
         logits = self(batch)
         batch_size = batch["image"].shape[0]
         self.log(f"{stage}/loss", self._loss(logits, batch["occupancy"]), batch_size=batch_size, sync_dist=True)
-        self.metrics[stage].update(logits.argmax(1), batch["occupancy"])
+        self._metric(stage).update(logits.argmax(1), batch["occupancy"])
 
     def _eval_epoch_end(self, stage: str) -> None:
-        scores = self.metrics[stage].compute()
+        scores = self._metric(stage).compute()
         self.log_dict({f"{stage}/{k}": scores[k] for k in ("miou", "iou", "precision", "recall")}, prog_bar=True)
         for name, value in zip(self.class_names[1:], scores["per_class_iou"][1:], strict=True):
             self.log(f"{stage}_per_class_iou/{name}", value)
-        self.metrics[stage].reset()
+        self._metric(stage).reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -401,7 +401,7 @@ class NuScenesOccupancyDataset(OccupancyDataset):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{where}: {err}") from None
         try:
-            image = Image.open(image_path)
+            image: Image.Image = Image.open(image_path)
             image.load()
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"{image_path} ({where}) is not a readable image: {err}") from err

@@ -46,7 +46,7 @@ def resize_view(image: Image.Image, intrinsics: np.ndarray, size: Sequence[int])
     k[1, 1] *= sy
     k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
     k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
-    return image.resize((width, height), Image.BILINEAR, reducing_gap=None), k
+    return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None), k
 
 
 def flip_view(image: Tensor, intrinsics: Tensor, voxel_to_camera: Tensor) -> tuple[Tensor, Tensor, Tensor]:

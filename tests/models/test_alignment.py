@@ -1,0 +1,356 @@
+"""MambaDualAlignment: frustum geometry by hand, deformable conv vs Conv3d, and the residuals in a real tiny UNet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from occscene_pl.geometry import project_points
+from occscene_pl.models.alignment import (
+    CameraEncoder,
+    DeformConv3d,
+    MambaDualAlignment,
+    depth_bin_centers,
+    frustum_grid,
+    frustum_points,
+    sample_frustum,
+)
+from occscene_pl.models.generator import ResidualSpec, SceneGenerator
+
+# Voxel frame x forward, y left, z up (SemanticKITTI-like); camera x right, y down, z forward.
+AXES = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
+
+
+def _rig(translation: list[float]) -> torch.Tensor:
+    t = torch.eye(4)
+    t[:3, :3] = AXES
+    t[:3, 3] = torch.tensor(translation)
+    return t
+
+
+@pytest.mark.parametrize(
+    ("spacing", "depth_range", "expected"),
+    [
+        ("linear", (1.0, 9.0), [2.0, 4.0, 6.0, 8.0]),
+        # edges 1 + 10 * k (k + 1) / 20 = 1, 2, 4, 7, 11
+        ("linear_increasing", (1.0, 11.0), [1.5, 3.0, 5.5, 9.0]),
+    ],
+)
+def test_depth_bin_centers(spacing: str, depth_range: tuple[float, float], expected: list[float]) -> None:
+    torch.testing.assert_close(depth_bin_centers(4, depth_range, spacing), torch.tensor(expected))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [(0.0, 5.0), (5.0, 2.0)])
+def test_depth_range_must_be_positive_and_increasing(bad: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="depth_range"):
+        depth_bin_centers(4, bad)
+
+
+def test_one_occupied_voxel_lands_in_the_hand_computed_frustum_cell() -> None:
+    # Grid 16 x 8 x 4 of 0.5 m from (0, -2, -1); voxel (8, 4, 1) has its centre at (4.25, 0.25, -0.25).
+    occupancy = torch.zeros(1, 1, 16, 8, 4)
+    occupancy[0, 0, 8, 4, 1] = 1.0
+    # Image 16 x 32 px, latent 4 x 8 (scale 4): latent pixel (i, j) is centred on image pixel (4j + 1.5, 4i + 1.5).
+    k = torch.tensor([[8.0, 0.0, 15.5], [0.0, 8.0, 7.5], [0.0, 0.0, 1.0]])
+    # View 0 sees the voxel centre at camera (3.375, -1.125, 4.5): u = 8 * 0.75 + 15.5 = 21.5 (j = 5),
+    # v = 8 * -0.25 + 7.5 = 5.5 (i = 1), depth 4.5 = bin 3 of 8 linear bins over [1, 9].
+    # View 1 sees it at (8.125, 1.625, 6.5): u = 25.5 (j = 6), v = 9.5 (i = 2), depth bin 5.
+    cams = torch.stack((_rig([3.625, -1.375, 0.25]), _rig([8.375, 1.375, 2.25])))[None]
+    depths = depth_bin_centers(8, (1.0, 9.0))
+    points = frustum_points(k.expand(1, 2, 3, 3), cams, (16, 32), (4, 8), depths)
+    assert points.shape == (1, 2, 8, 4, 8, 3)
+    torch.testing.assert_close(points[0, 0, 3, 1, 5], torch.tensor([4.25, 0.25, -0.25]))
+    grid = frustum_grid(points, torch.tensor([[0.0, -2.0, -1.0]]), torch.tensor([0.5]), (16, 8, 4))
+    frustum = sample_frustum(occupancy, grid)
+    assert frustum.shape == (2, 1, 8, 4, 8)
+    for view, cell in enumerate([(3, 1, 5), (5, 2, 6)]):
+        expected = torch.zeros(8, 4, 8)
+        expected[cell] = 1.0
+        torch.testing.assert_close(frustum[view, 0], expected, atol=1e-5, rtol=0)
+
+
+def test_frustum_points_project_back_to_latent_pixel_centres() -> None:
+    # KITTI odometry 00 calibration, a 8x latent of a 370 x 1220 image; two views in one batch entry.
+    k = torch.tensor([[718.856, 0.0, 607.1928], [0.0, 718.856, 185.2157], [0.0, 0.0, 1.0]])
+    tr = torch.tensor(
+        [
+            [4.276802e-04, -9.999672e-01, -8.084491e-03, -1.198459e-02],
+            [-7.210626e-03, 8.081198e-03, -9.999413e-01, -5.403984e-02],
+            [9.999738e-01, 4.859485e-04, -7.206933e-03, -2.921968e-01],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    cams = torch.stack((tr, _rig([1.0, 2.0, -3.0])))[None]
+    depths = depth_bin_centers(5, (2.0, 50.0), "linear_increasing")
+    points = frustum_points(k.expand(1, 2, 3, 3), cams, (370, 1220), (46, 152), depths)
+    for view in range(2):
+        pixels, depth = project_points(points[:, view].reshape(1, -1, 3), k[None, None], cams[:, view : view + 1])
+        pixels = pixels.reshape(5, 46, 152, 2)
+        torch.testing.assert_close(depth.reshape(5, 46, 152), depths[:, None, None].expand(5, 46, 152))
+        # latent pixel (i, j) is centred on image pixel ((j + 0.5) * 1220 / 152 - 0.5, (i + 0.5) * 370 / 46 - 0.5)
+        centre = torch.tensor([1220 / 152 / 2 - 0.5, 370 / 46 / 2 - 0.5])
+        torch.testing.assert_close(pixels[0, 0, 0], centre, atol=1e-3, rtol=0)
+        torch.testing.assert_close(
+            pixels[4, 45, 151], centre + torch.tensor([151 * 1220 / 152, 45 * 370 / 46]), atol=1e-3, rtol=0
+        )
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_deform_conv_is_conv3d_at_zero_offsets(kernel_size: int) -> None:
+    torch.manual_seed(0)
+    deform = DeformConv3d(3, 5, kernel_size)
+    conv = torch.nn.Conv3d(3, 5, kernel_size, padding=kernel_size // 2)
+    with torch.no_grad():
+        conv.weight.copy_(deform.weight)
+        conv.bias.copy_(deform.bias)
+    x = torch.randn(2, 3, 4, 5, 6)
+    torch.testing.assert_close(deform(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(deform.offset_conv.weight) == 0
+
+
+def test_deform_conv_offsets_are_depth_height_width_in_voxels() -> None:
+    torch.manual_seed(0)
+    deform = DeformConv3d(2, 3, 3)
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(deform.weight)
+        conv.bias.copy_(deform.bias)
+        deform.offset_conv.bias.view(27, 3)[:, 2] = 1.0  # every tap looks one voxel further along W
+    x = torch.randn(1, 2, 3, 4, 5)
+    torch.testing.assert_close(deform(x)[..., :-1], conv(x)[..., 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_camera_encoder_uses_size_normalised_intrinsics() -> None:
+    k = torch.tensor([[[100.0, 0.0, 50.0], [0.0, 120.0, 20.0], [0.0, 0.0, 1.0]]])
+    cam = _rig([1.0, 2.0, 3.0])[None]
+    params = CameraEncoder.camera_parameters(k, cam, (40, 200))
+    expected = torch.tensor([0.5, 3.0, 0.25, 0.5, 0, -1, 0, 0, 0, -1, 1, 0, 0, 1.0, 2.0, 3.0])
+    torch.testing.assert_close(params[0], expected)
+    encoder = CameraEncoder(6, num_frequencies=3)
+    scaled = k.clone()
+    scaled[:, :2] *= 2.0
+    torch.testing.assert_close(encoder(k, cam, (40, 200)), encoder(scaled, cam, (80, 400)))
+    assert encoder(k, cam, (40, 200)).shape == (1, 6)
+
+
+# --- the module in a real tiny UNet ------------------------------------------------------------------------------
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+NUM_CLASSES = 5
+
+
+def _spec_from_unet(unet: UNet2DConditionModel, latent: torch.Tensor, text: torch.Tensor) -> ResidualSpec:
+    """Read the residual layout off the UNet's own forward pass (hooks), not from its config."""
+    shapes: list[torch.Size] = []
+    mid: list[torch.Size] = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: shapes.append(o.shape))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda m, i, o: shapes.extend(r.shape for r in o[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: mid.append(o.shape)))
+    with torch.no_grad():
+        unet(latent, 10, text)
+    for hook in hooks:
+        hook.remove()
+    h = latent.shape[-2]
+    return ResidualSpec(
+        channels=[s[1] for s in shapes],
+        downsample=[h // s[2] for s in shapes],
+        mid_channels=mid[0][1],
+        mid_downsample=h // mid[0][2],
+    )
+
+
+def _scene(batch: int, views: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random soft occupancy on an 8 x 8 x 4 grid of 0.5 m and cameras 1 m behind it looking along +x."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.tensor([[16.0, 0.0, 15.5], [0.0, 16.0, 15.5], [0.0, 0.0, 1.0]])
+    cams = torch.stack([_rig([0.3 * v, 0.0, 1.0]) for v in range(views)])
+    return dict(
+        occupancy=torch.softmax(torch.randn(batch, NUM_CLASSES, 8, 8, 4, generator=g), dim=1),
+        intrinsics=k.expand(batch, views, 3, 3).clone(),
+        voxel_to_camera=cams.expand(batch, views, 4, 4).clone(),
+        voxel_origin=torch.tensor([0.0, -2.0, -1.0]).expand(batch, 3).clone(),
+        voxel_size=torch.full((batch,), 0.5),
+    )
+
+
+def _tiny_mda(spec: ResidualSpec, **kwargs: object) -> MambaDualAlignment:
+    options = dict(embed_dim=4, depth_bins=4, depth_range=(1.0, 6.0), patch_size=(2, 2, 2), num_layers=1, d_state=4)
+    options.update(kwargs)
+    return MambaDualAlignment(NUM_CLASSES, spec, latent_channels=4, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def unet_and_spec() -> tuple[UNet2DConditionModel, ResidualSpec]:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    spec = _spec_from_unet(unet, torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16))
+    return unet, spec
+
+
+def test_spec_read_from_the_unet_is_the_diffusers_layout(unet_and_spec: tuple) -> None:
+    _, spec = unet_and_spec
+    # conv_in, block 0 (resnet+attention, downsampler), block 1 (resnet; the last block does not downsample)
+    assert spec == ResidualSpec(channels=[16, 16, 16, 32], downsample=[1, 1, 2, 2], mid_channels=32, mid_downsample=2)
+    # ... and it is what the generator reports for the same UNet (pixel space: 3 channels in and out)
+    pixel_unet = {k: v for k, v in UNET_CONFIG.items() if k not in ("in_channels", "out_channels")}
+    assert SceneGenerator(unet=pixel_unet, vae=None).residual_spec() == spec
+
+
+def test_residuals_are_zero_at_init_and_leave_the_unet_output_unchanged(unet_and_spec: tuple) -> None:
+    unet, spec = unet_and_spec
+    torch.manual_seed(1)
+    mda = _tiny_mda(spec)
+    scene = _scene(2, 1)
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
+    down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+    assert [tuple(r.shape) for r in down] == [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4)]
+    assert tuple(mid.shape) == (2, 32, 4, 4)
+    assert all(torch.count_nonzero(r) == 0 for r in [*down, mid])
+    with torch.no_grad():
+        plain = unet(latents, 10, text).sample
+        conditioned = unet(latents, 10, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert torch.equal(conditioned.sample, plain)
+
+
+def test_training_makes_residuals_nonzero_and_reaches_every_parameter(unet_and_spec: tuple) -> None:
+    unet, spec = unet_and_spec
+    torch.manual_seed(2)
+    mda = _tiny_mda(spec)
+    scene = _scene(2, 1, seed=1)
+    latents, text, target = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16), torch.randn(2, 4, 8, 8)
+    optimiser = torch.optim.Adam(mda.parameters(), lr=1e-2)
+
+    def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+        optimiser.zero_grad()
+        down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+        out = unet(latents, 10, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        torch.nn.functional.mse_loss(out.sample, target).backward()
+        return down, mid
+
+    step()  # zero convs block the gradient to everything upstream on this first step only
+    optimiser.step()
+    down, mid = step()
+    assert all(r.abs().amax() > 0 for r in [*down, mid])
+    missing = [n for n, p in mda.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert missing == []
+
+
+def _randomise_zero_convs(mda: MambaDualAlignment) -> None:
+    for conv in [*mda.down_convs, mda.mid_conv]:
+        torch.nn.init.normal_(conv.weight, std=0.5)
+
+
+@pytest.mark.parametrize(("batch", "views", "frames"), [(2, 2, 1), (4, 1, 2)])
+def test_one_sequence_per_sample_spans_its_views_and_frames(batch: int, views: int, frames: int) -> None:
+    spec = ResidualSpec(channels=[8, 12], downsample=[1, 2], mid_channels=12, mid_downsample=2)
+    torch.manual_seed(3)
+    mda = _tiny_mda(spec, d_model=8)
+    _randomise_zero_convs(mda)
+    scene = _scene(batch, views)
+    latents = torch.randn(batch * views, 4, 8, 8)
+    with torch.no_grad():
+        down, mid = mda(**scene, image_size=(32, 32), latents=latents, frames=frames)
+        assert [tuple(r.shape) for r in down] == [(batch * views, 8, 8, 8), (batch * views, 12, 4, 4)]
+        assert tuple(mid.shape) == (batch * views, 12, 4, 4)
+        changed = latents.clone()
+        changed[1] += 1.0  # the 2nd entry: view 1 of sample 0 (V = 2), or frame 1 of clip 0 (frames = 2)
+        down2, _ = mda(**scene, image_size=(32, 32), latents=changed, frames=frames)
+    group = views * frames  # entries sharing one sequence
+    per_entry = (down2[1] - down[1]).abs().flatten(1).amax(dim=1)
+    assert per_entry[0] > 1e-5  # entry 0 sees entry 1 through the shared scan
+    assert torch.all(per_entry[group:] == 0)  # other samples / clips do not
+
+
+def test_integer_labels_equal_their_one_hot_probabilities() -> None:
+    spec = ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=2)
+    torch.manual_seed(4)
+    mda = _tiny_mda(spec, d_model=8)
+    _randomise_zero_convs(mda)
+    scene = _scene(1, 1)
+    labels = torch.randint(0, NUM_CLASSES, (1, 8, 8, 4))
+    labels[0, :2] = 255
+    one_hot = torch.nn.functional.one_hot(labels.clamp(max=NUM_CLASSES - 1), NUM_CLASSES).permute(0, 4, 1, 2, 3)
+    one_hot = one_hot.float() * (labels != 255)[:, None]
+    latents = torch.randn(1, 4, 8, 8)
+    scene.pop("occupancy")
+    with torch.no_grad():
+        a = mda(labels, **scene, image_size=(32, 32), latents=latents)
+        b = mda(one_hot, **scene, image_size=(32, 32), latents=latents)
+    torch.testing.assert_close(a[0][0], b[0][0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_checkpointing_gives_the_same_numbers_and_gradients() -> None:
+    spec = ResidualSpec(channels=[8], downsample=[2], mid_channels=8, mid_downsample=2)
+    torch.manual_seed(5)
+    mda = _tiny_mda(spec, d_model=8, depth_reduction="mean")
+    _randomise_zero_convs(mda)
+    with torch.no_grad():
+        mda.deform_conv.offset_conv.bias.uniform_(-0.5, 0.5)  # fractional offsets: a real trilinear backward
+    scene = _scene(1, 2)
+    latents = torch.randn(2, 4, 8, 8)
+    grads = []
+    outputs = []
+    for enabled in (False, True):
+        mda.gradient_checkpointing = enabled
+        assert mda.deform_conv.checkpoint_taps is enabled
+        mda.zero_grad()
+        down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+        (down[0].square().sum() + mid.square().sum()).backward()
+        outputs.append(down[0].detach())
+        grads.append([p.grad.clone() for p in mda.parameters()])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_no_occupancy_means_no_residuals() -> None:
+    mda = _tiny_mda(ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1))
+    scene = _scene(1, 1)
+    scene["occupancy"] = None  # type: ignore[assignment]
+    assert mda(**scene, image_size=(32, 32), latents=torch.randn(1, 4, 8, 8)) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(latents=torch.randn(1, 4, 7, 8)), "divisible by the patch size"),
+        (dict(latents=torch.randn(2, 4, 8, 8)), r"latents must be \(B\*V=1"),
+        (dict(latents=torch.randn(1, 3, 8, 8)), r"latents must be"),
+        (dict(occupancy=torch.rand(1, NUM_CLASSES + 1, 8, 8, 4)), f"occupancy must be \\(B, {NUM_CLASSES}"),
+        (dict(voxel_to_camera=torch.eye(4).expand(1, 2, 4, 4)), "voxel_to_camera must be"),
+        (dict(image_size=(32,)), "image_size"),
+        (dict(frames=2), "multiple of frames"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change: dict, message: str) -> None:
+    mda = _tiny_mda(ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1))
+    inputs: dict = dict(_scene(1, 1), image_size=(32, 32), latents=torch.randn(1, 4, 8, 8))
+    inputs.update(change)
+    with pytest.raises(ValueError, match=message):
+        mda(**inputs)
+
+
+def test_constructor_rejects_depth_bins_not_divisible_by_the_patch() -> None:
+    with pytest.raises(ValueError, match="depth_bins"):
+        _tiny_mda(ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1), depth_bins=5)
+
+
+def test_mda_accepts_a_mapping_spec_and_counts_parameters() -> None:
+    mda = _tiny_mda({"channels": [8], "downsample": [1], "mid_channels": 8, "mid_downsample": 1}, d_model=8)
+    assert isinstance(mda.residual_spec, ResidualSpec)
+    assert np.isfinite(sum(p.sum().item() for p in mda.parameters()))

@@ -1,0 +1,445 @@
+"""The predict-time writer of generated samples (DESIGN §6).
+
+Every sample of ``predict_step``'s output (a list of per-sample dicts, see :meth:`GenerationWriter.write_sample`)
+becomes a folder ``<output_dir>/<frame_id>/``::
+
+    image.png                      the generated image (V == 1), or image_0.png ... image_{V-1}.png
+    occupancy.npz                  labels (X, Y, Z) uint8, [condition (X, Y, Z) uint8], [probabilities (C, X, Y, Z)
+                                   float16], voxel_origin, voxel_size, intrinsics (V, 3, 3), voxel_to_camera (V, 4, 4)
+    occupancy.png                  image | perceived occupancy from camera 0 | bird's-eye view [; a second row with
+                                   the condition's camera view and bird's-eye view, in layout mode]
+    meta.json                      prompt, seed, mode, frame_id, the sample's meta, the file list, exports,
+                                   checkpoint, package version, creation time
+
+Each file is written atomically (hidden temporary file + ``os.replace``), and ``meta.json`` last: a sample is
+complete when its ``meta.json`` exists and every file it lists does (:meth:`GenerationWriter.is_complete`), so an
+interrupted run resumes where it stopped. Optional native exports (:mod:`occscene_pl.native_export`) are written
+under ``<output_dir>/<export name>/`` before ``meta.json`` and are listed in it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from tqdm import tqdm
+
+import occscene_pl
+from occscene_pl.native_export import SemanticKittiExporter, atomic_write, png_bytes
+from occscene_pl.render import palette, render_occupancy_figure
+
+__all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]
+
+SUPPORTED_EXPORTS: tuple[str, ...] = ("semantic_kitti",)
+META_FILE = "meta.json"
+_MODES = ("text", "layout")
+_REQUIRED_KEYS = (
+    "frame_id",
+    "prompt",
+    "seed",
+    "mode",
+    "images",
+    "occupancy",
+    "intrinsics",
+    "voxel_to_camera",
+    "voxel_origin",
+    "voxel_size",
+)
+
+
+def check_frame_id(frame_id: Any) -> str:
+    """Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
+
+    Rejected: non-strings, empty ids, path separators (``/``, ``\\``), NUL, ids starting with ``.`` (``.``, ``..``
+    and hidden temporary files), and the export folder names (``semantic_kitti``).
+    """
+    if not isinstance(frame_id, str):
+        raise ValueError(f"frame_id must be a string, got {type(frame_id).__name__} {frame_id!r}")
+    bad = [c for c in ("/", "\\", "\0", os.sep, os.altsep) if c and c in frame_id]
+    if not frame_id or bad or frame_id.startswith(".") or frame_id in SUPPORTED_EXPORTS:
+        raise ValueError(
+            f"frame_id {frame_id!r} cannot name an output folder: it must be non-empty, contain no path separators "
+            f"or NUL, not start with '.', and not be one of {list(SUPPORTED_EXPORTS)}"
+        )
+    return frame_id
+
+
+def _numpy(value: Any, dtype: Any = None) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def write_npz(file: IO[bytes], arrays: Mapping[str, np.ndarray], stored: Sequence[str] = ()) -> None:
+    """Write an ``.npz`` archive (``np.load`` reads it) with every array deflated except those in ``stored``.
+
+    Perceiver probabilities hardly compress (about 6 %) but would cost seconds per sample to deflate, so they are
+    stored as they are; labels shrink about tenfold.
+    """
+    with zipfile.ZipFile(file, "w", allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy")
+            info.compress_type = zipfile.ZIP_STORED if name in stored else zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"meta value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+class GenerationWriter(BasePredictionWriter):
+    """Writes generated samples (images, occupancy, pictures, metadata) atomically, one folder per ``frame_id``.
+
+    The LightningModule may call :meth:`is_complete` (or :meth:`should_skip`) before generating a sample to skip
+    work already on disk; the writer skips complete samples too unless ``overwrite``. Find it in
+    ``trainer.callbacks``; its output folder is resolved in :meth:`setup`.
+
+    Args:
+        output_dir: where sample folders go; ``None`` means ``<trainer.default_root_dir>/predictions``.
+        save_probabilities: also store the perceiver's ``probabilities`` (float16) in ``occupancy.npz``.
+        render: write ``occupancy.png``.
+        export: native dataset layouts to also write, from ``["semantic_kitti"]``
+            (:mod:`occscene_pl.native_export`), under ``<output_dir>/<name>/``.
+        overwrite: re-write samples that are already complete.
+        class_names: class names, index = train id; sets the picture palette (``palette(len(class_names))``) and is
+            stored in ``meta.json`` and ``occupancy.npz``. ``None`` uses the default palette.
+        progress: show a progress bar of samples written/skipped (rank 0, and only if the trainer has one).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        save_probabilities: bool = False,
+        render: bool = True,
+        export: Sequence[str] = (),
+        overwrite: bool = False,
+        class_names: Sequence[str] | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if isinstance(export, str):
+            export = [export]
+        unknown = [name for name in export if name not in SUPPORTED_EXPORTS]
+        if unknown:
+            raise ValueError(f"unknown export format(s) {unknown}; supported: {list(SUPPORTED_EXPORTS)}")
+        self.output_dir = output_dir
+        self.save_probabilities = save_probabilities
+        self.render = render
+        self.export: list[str] = list(dict.fromkeys(export))
+        self.overwrite = overwrite
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        self.colors = palette(len(self.class_names)) if self.class_names else None
+        self.progress = progress
+        self.written = 0
+        self.skipped = 0
+        self._root: Path | None = Path(output_dir).expanduser() if output_dir is not None else None
+        self._bar: Any = None
+        self._exporters: dict[str, SemanticKittiExporter] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Locations and completion
+    # ------------------------------------------------------------------------------------------------------------
+
+    def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
+        """Fix the output folder from ``trainer`` (``output_dir``, else ``<default_root_dir>/predictions``)."""
+        if self.output_dir is not None:
+            root = Path(self.output_dir).expanduser()
+        else:
+            root = Path(trainer.default_root_dir).expanduser() / "predictions"
+        if root != self._root:
+            self._exporters = {}
+        self._root = root
+        return root
+
+    @property
+    def root(self) -> Path:
+        """The resolved output folder."""
+        if self._root is None:
+            raise RuntimeError(
+                "GenerationWriter has no output folder yet: give output_dir, or call setup() / resolve_output_dir()"
+            )
+        return self._root
+
+    def sample_dir(self, frame_id: str) -> Path:
+        """``<output_dir>/<frame_id>`` (``frame_id`` is validated by :func:`check_frame_id`)."""
+        return self.root / check_frame_id(frame_id)
+
+    def is_complete(self, frame_id: str) -> bool:
+        """Whether ``frame_id`` is on disk: ``meta.json`` readable, every file it lists present, and every export
+        this writer is configured for recorded there (so enabling an export re-writes older samples)."""
+        directory = self.sample_dir(frame_id)
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+            files = [directory / name for name in meta["files"]]
+            exports = meta.get("exports", {})
+            for name in self.export:
+                files.extend(self.root / path for path in exports[name]["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return all(path.is_file() for path in files)
+
+    def should_skip(self, frame_id: str) -> bool:
+        """Whether generating ``frame_id`` is unnecessary: it is complete and ``overwrite`` is off."""
+        return not self.overwrite and self.is_complete(frame_id)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.resolve_output_dir(trainer)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.resolve_output_dir(trainer)
+        self.written = self.skipped = 0
+        self._close_bar()
+        if self.progress and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None:
+            self._bar = tqdm(total=_predict_total(trainer), desc="Writing samples", unit="sample", dynamic_ncols=True)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_bar()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_bar()
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Write every sample of ``prediction`` (a list of per-sample dicts; ``None`` writes nothing)."""
+        if prediction is None:
+            return
+        if isinstance(prediction, Mapping) or not isinstance(prediction, Sequence):
+            raise TypeError(
+                f"GenerationWriter expects predict_step to return a list of per-sample dicts, got "
+                f"{type(prediction).__name__}"
+            )
+        for sample in prediction:
+            if not isinstance(sample, Mapping) or "frame_id" not in sample:
+                raise TypeError(f"each prediction must be a dict with a 'frame_id', got {type(sample).__name__}")
+            if self.should_skip(sample["frame_id"]):
+                self.skipped += 1
+            else:
+                self.write_sample(sample, trainer)
+                self.written += 1
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(written=self.written, skipped=self.skipped, refresh=False)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Writing one sample
+    # ------------------------------------------------------------------------------------------------------------
+
+    def write_sample(self, sample: Mapping[str, Any], trainer: pl.Trainer | None = None) -> Path:
+        """Write one sample (unconditionally) and return its folder.
+
+        Args:
+            sample: ``frame_id`` (str), ``prompt`` (str), ``seed`` (int), ``mode`` (``"text"``/``"layout"``),
+                ``images`` ``(V, 3, H, W)`` float in ``[0, 1]``, ``occupancy`` ``(X, Y, Z)`` uint8 train ids,
+                ``probabilities`` ``(C, X, Y, Z)`` or ``None``, ``condition`` ``(X, Y, Z)`` uint8 or ``None``,
+                ``intrinsics`` ``(V, 3, 3)`` at the image size, ``voxel_to_camera`` ``(V, 4, 4)``, ``voxel_origin``
+                ``(3,)``, ``voxel_size`` (float), ``meta`` (JSON-serialisable dict). Tensors or arrays.
+            trainer: supplies ``ckpt_path`` for ``meta.json``.
+
+        Raises:
+            ValueError: a malformed sample or one an export cannot hold; nothing is written then.
+        """
+        s = self._check_sample(sample)
+        frame_id: str = s["frame_id"]
+        prepared = {}
+        for name in self.export:
+            exporter = self._exporter(name)
+            prepared[name] = exporter.prepare(
+                frame_id, s["labels"], s["images"], s["intrinsics"], s["voxel_to_camera"], s["voxel_origin"], s["size"]
+            )
+        directory = self.sample_dir(frame_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The sample is incomplete from here until the new meta.json lands.
+        (directory / META_FILE).unlink(missing_ok=True)
+        files: list[str] = []
+
+        def put(name: str, data: bytes) -> None:
+            atomic_write(directory / name, data)
+            files.append(name)
+
+        views = s["images"]
+        for v, image in enumerate(views):
+            put("image.png" if len(views) == 1 else f"image_{v}.png", png_bytes(image))
+        arrays = {
+            "labels": s["labels"],
+            "voxel_origin": s["voxel_origin"],
+            "voxel_size": np.float32(s["size"]),
+            "intrinsics": s["intrinsics"],
+            "voxel_to_camera": s["voxel_to_camera"],
+        }
+        if s["condition"] is not None:
+            arrays["condition"] = s["condition"]
+        if self.save_probabilities and s["probabilities"] is not None:
+            arrays["probabilities"] = s["probabilities"]
+        if self.class_names is not None:
+            arrays["class_names"] = np.asarray(self.class_names, dtype=str)
+        atomic_write(directory / "occupancy.npz", lambda f: write_npz(f, arrays, stored=("probabilities",)))
+        files.append("occupancy.npz")
+        if self.render:
+            put("occupancy.png", png_bytes(self._figure(s)))
+        exports: dict[str, Any] = {}
+        for name, frame in prepared.items():
+            written = self._exporters[name].write(frame)
+            stem = written[1].stem
+            exports[name] = {
+                "sequence": written[1].parent.parent.name,
+                "stem": stem,
+                "crop_size": [int(views.shape[2]), int(views.shape[1])],  # the reader's crop_size=(W, H)
+                "files": [path.relative_to(self.root).as_posix() for path in written],
+            }
+        ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        meta = {
+            "frame_id": frame_id,
+            "prompt": s["prompt"],
+            "seed": s["seed"],
+            "mode": s["mode"],
+            "meta": s["meta"],
+            "files": files,
+            "exports": exports,
+            "num_views": int(views.shape[0]),
+            "image_size": [int(views.shape[1]), int(views.shape[2])],
+            "grid_size": list(s["labels"].shape),
+            "class_names": self.class_names,
+            "checkpoint": str(ckpt) if ckpt is not None else None,
+            "package_version": occscene_pl.__version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        text = json.dumps(meta, indent=2, default=_json_default, allow_nan=True).encode("utf-8")
+        atomic_write(directory / META_FILE, text)
+        return directory
+
+    def _exporter(self, name: str) -> SemanticKittiExporter:
+        if name not in self._exporters:
+            self._exporters[name] = SemanticKittiExporter(self.root / name)
+        return self._exporters[name]
+
+    def _check_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a sample and convert it to NumPy: images become ``(V, H, W, 3)`` uint8."""
+        missing = [key for key in _REQUIRED_KEYS if key not in sample]
+        frame_id = check_frame_id(sample.get("frame_id"))
+        if missing:
+            raise ValueError(f"prediction for frame {frame_id!r} lacks {missing}")
+
+        def fail(message: str) -> ValueError:
+            return ValueError(f"prediction for frame {frame_id!r}: {message}")
+
+        images = _numpy(sample["images"], np.float32)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise fail(f"images must be (V, 3, H, W), got shape {images.shape}")
+        images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+        images = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        views = images.shape[0]
+        labels = _numpy(sample["occupancy"])
+        if labels.ndim != 3 or labels.dtype.kind not in "iub" or labels.min() < 0 or labels.max() > 255:
+            raise fail(f"occupancy must be (X, Y, Z) uint8 train ids, got shape {labels.shape} dtype {labels.dtype}")
+        labels = labels.astype(np.uint8)
+        condition = sample.get("condition")
+        if condition is not None:
+            condition = _numpy(condition)
+            if condition.shape != labels.shape or condition.dtype.kind not in "iub":
+                raise fail(f"condition must be integer like occupancy {labels.shape}, got {condition.shape}")
+            condition = condition.astype(np.uint8)
+        classes = len(self.colors) if self.colors is not None else 256
+        for name, grid in (("occupancy", labels), ("condition", condition)):
+            known = np.zeros(0) if grid is None else grid[grid != 255]
+            if known.size and int(known.max()) >= classes:
+                raise fail(f"{name} has label {int(known.max())} but only {classes} class_names are given")
+        probabilities = sample.get("probabilities")
+        if probabilities is not None:
+            probabilities = _numpy(probabilities, np.float16)
+            if probabilities.ndim != 4 or probabilities.shape[1:] != labels.shape:
+                raise fail(f"probabilities must be (C, {', '.join(map(str, labels.shape))}), got {probabilities.shape}")
+        intrinsics = _numpy(sample["intrinsics"], np.float32)
+        voxel_to_camera = _numpy(sample["voxel_to_camera"], np.float32)
+        if intrinsics.shape != (views, 3, 3) or voxel_to_camera.shape != (views, 4, 4):
+            raise fail(
+                f"intrinsics {intrinsics.shape} and voxel_to_camera {voxel_to_camera.shape} must be "
+                f"({views}, 3, 3) and ({views}, 4, 4) for {views} view(s)"
+            )
+        origin = _numpy(sample["voxel_origin"], np.float32).reshape(-1)
+        size = float(_numpy(sample["voxel_size"]))
+        if origin.shape != (3,) or not size > 0:
+            raise fail(f"voxel_origin must be (3,) and voxel_size positive, got {origin.shape} and {size}")
+        if sample["mode"] not in _MODES:
+            raise fail(f"mode must be one of {list(_MODES)}, got {sample['mode']!r}")
+        meta = sample.get("meta") or {}
+        if not isinstance(meta, Mapping):
+            raise fail(f"meta must be a dict, got {type(meta).__name__}")
+        return {
+            "frame_id": frame_id,
+            "prompt": str(sample["prompt"]),
+            "seed": int(sample["seed"]),
+            "mode": sample["mode"],
+            "meta": dict(meta),
+            "images": images,
+            "labels": labels,
+            "condition": condition,
+            "probabilities": probabilities,
+            "intrinsics": intrinsics,
+            "voxel_to_camera": voxel_to_camera,
+            "voxel_origin": origin,
+            "size": size,
+        }
+
+    def _figure(self, s: Mapping[str, Any]) -> np.ndarray:
+        """``occupancy.png``: image | occupancy | BEV, and below it the condition's two panels, right-aligned."""
+        image = s["images"][0]
+        height, width = image.shape[:2]
+        camera = (s["voxel_origin"], s["size"], s["intrinsics"][0], s["voxel_to_camera"][0], (height, width))
+        top = render_occupancy_figure(s["labels"], *camera, colors=self.colors, image=image)
+        if s["condition"] is None:
+            return top
+        bottom = render_occupancy_figure(s["condition"], *camera, colors=self.colors)
+        gap = 4
+        canvas = np.full((top.shape[0] + gap + bottom.shape[0], max(top.shape[1], bottom.shape[1]), 3), 255, np.uint8)
+        canvas[: top.shape[0], : top.shape[1]] = top
+        canvas[top.shape[0] + gap :, canvas.shape[1] - bottom.shape[1] :] = bottom
+        return canvas
+
+
+def _predict_total(trainer: pl.Trainer) -> int | None:
+    """Samples this rank will see: the predict datasets' length split over the ranks, if known."""
+    loaders = getattr(trainer, "predict_dataloaders", None)
+    if loaders is None:
+        return None
+    total = 0
+    for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+        try:
+            total += len(loader.dataset)
+        except (AttributeError, TypeError):
+            return None
+    return math.ceil(total / max(1, int(getattr(trainer, "world_size", 1))))

@@ -1,0 +1,413 @@
+"""GenerationWriter: files, contents, atomicity, resume/overwrite, naming, errors, SemanticKITTI export round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import occscene_pl
+from occscene_pl import native_export, writer
+from occscene_pl.data.semantic_kitti import SemanticKittiDataset
+from occscene_pl.native_export import SemanticKittiExporter
+from occscene_pl.writer import GenerationWriter, check_frame_id
+from tests.fakes.semantic_kitti import KITTI_00_P2, KITTI_00_TR
+
+GRID = (32, 32, 4)  # the KITTI extent at 1.6 m voxels
+WIDTH, HEIGHT = 40, 24
+KITTI_ORIGIN = (0.0, -25.6, -2.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def make_sample(
+    frame_id: str,
+    views: int = 1,
+    condition: bool = False,
+    probabilities: bool = False,
+    seed: int = 0,
+    origin: tuple[float, float, float] = KITTI_ORIGIN,
+    focal_scale: float = 1.0,
+) -> dict[str, Any]:
+    """A predict_step sample of the contract: KITTI rig scaled to 40 x 24, random labels incl. 255."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 20, GRID, generator=g, dtype=torch.uint8)
+    labels[torch.rand(GRID, generator=g) < 0.5] = 0
+    labels[torch.rand(GRID, generator=g) < 0.1] = 255
+    k = torch.tensor(KITTI_00_P2[:, :3], dtype=torch.float32)
+    k[:2] *= WIDTH / 1241 * focal_scale
+    return {
+        "frame_id": frame_id,
+        "prompt": f"a driving scene {seed}",
+        "seed": seed,
+        "mode": "layout" if condition else "text",
+        "images": torch.rand(views, 3, HEIGHT, WIDTH, generator=g),
+        "occupancy": labels,
+        "probabilities": torch.rand(20, *GRID, generator=g).half() if probabilities else None,
+        "condition": torch.randint(0, 20, GRID, generator=g, dtype=torch.uint8) if condition else None,
+        "intrinsics": k.expand(views, 3, 3).clone(),
+        "voxel_to_camera": torch.tensor(KITTI_00_TR, dtype=torch.float32).expand(views, 4, 4).clone(),
+        "voxel_origin": torch.tensor(origin),
+        "voxel_size": 1.6,
+        "meta": {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": torch.tensor(7.5)},
+    }
+
+
+def fake_trainer(root: Path, **kwargs: Any) -> Any:
+    fields = {
+        "default_root_dir": str(root),
+        "ckpt_path": "runs/last.ckpt",
+        "is_global_zero": True,
+        "progress_bar_callback": None,
+        "predict_dataloaders": None,
+        "world_size": 1,
+    }
+    return SimpleNamespace(**(fields | kwargs))
+
+
+def write(w: GenerationWriter, trainer: Any, samples: list[dict[str, Any]]) -> None:
+    w.write_on_batch_end(trainer, None, samples, None, None, 0, 0)  # type: ignore[arg-type]
+
+
+def ready(tmp_path: Path, **kwargs: Any) -> tuple[GenerationWriter, Any]:
+    w = GenerationWriter(progress=False, **kwargs)
+    trainer = fake_trainer(tmp_path)
+    w.setup(trainer, SimpleNamespace(predict_step=lambda batch: None), "predict")  # type: ignore[arg-type]
+    return w, trainer
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*.tmp"))
+
+
+def test_files_and_contents(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, save_probabilities=True, class_names=[f"c{i}" for i in range(20)])
+    sample = make_sample("scene_0", condition=True, probabilities=True, seed=3)
+    assert not w.is_complete("scene_0")
+    write(w, trainer, [sample])
+    out = tmp_path / "predictions" / "scene_0"
+    assert w.root == tmp_path / "predictions" and w.is_complete("scene_0")
+    assert sorted(p.name for p in out.iterdir()) == ["image.png", "meta.json", "occupancy.npz", "occupancy.png"]
+
+    pixels = np.asarray(Image.open(out / "image.png"))
+    expected = np.round(sample["images"][0].numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(pixels, expected)
+
+    with np.load(out / "occupancy.npz") as npz:
+        assert set(npz.files) == {
+            "labels",
+            "condition",
+            "probabilities",
+            "voxel_origin",
+            "voxel_size",
+            "intrinsics",
+            "voxel_to_camera",
+            "class_names",
+        }
+        assert npz["labels"].dtype == np.uint8 and npz["probabilities"].dtype == np.float16
+        np.testing.assert_array_equal(npz["labels"], sample["occupancy"].numpy())
+        np.testing.assert_array_equal(npz["condition"], sample["condition"].numpy())
+        np.testing.assert_array_equal(npz["probabilities"], sample["probabilities"].numpy())
+        np.testing.assert_allclose(npz["intrinsics"], sample["intrinsics"].numpy())
+        np.testing.assert_allclose(npz["voxel_to_camera"], sample["voxel_to_camera"].numpy())
+        np.testing.assert_allclose(npz["voxel_origin"], KITTI_ORIGIN, rtol=1e-6)
+        assert float(npz["voxel_size"]) == pytest.approx(1.6)
+        assert npz["class_names"].tolist()[:2] == ["c0", "c1"]
+
+    figure = np.asarray(Image.open(out / "occupancy.png"))
+    row = max(HEIGHT, GRID[0])  # the bird's-eye view is X pixels tall
+    assert figure.shape[0] == 2 * row + 4  # the condition's row sits below the generated one
+    np.testing.assert_array_equal(figure[:HEIGHT, :WIDTH], pixels)  # the image is the first panel
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["frame_id"] == "scene_0" and meta["prompt"] == "a driving scene 3" and meta["seed"] == 3
+    assert meta["mode"] == "layout"
+    assert meta["meta"] == {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": 7.5}
+    assert meta["files"] == ["image.png", "occupancy.npz", "occupancy.png"]
+    assert meta["checkpoint"] == "runs/last.ckpt" and meta["package_version"] == occscene_pl.__version__
+    assert meta["created_at"] and meta["exports"] == {} and meta["grid_size"] == list(GRID)
+    assert leftovers(tmp_path) == []
+
+
+def test_optional_outputs_off(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, render=False, output_dir=str(tmp_path / "custom"))
+    write(w, trainer, [make_sample("a", probabilities=True)])
+    out = tmp_path / "custom" / "a"
+    assert sorted(p.name for p in out.iterdir()) == ["image.png", "meta.json", "occupancy.npz"]
+    with np.load(out / "occupancy.npz") as npz:
+        assert "probabilities" not in npz.files and "condition" not in npz.files
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_six_views_are_numbered(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path)
+    write(w, trainer, [make_sample("multi", views=6)])
+    out = tmp_path / "predictions" / "multi"
+    names = sorted(p.name for p in out.glob("image*.png"))
+    assert names == [f"image_{v}.png" for v in range(6)]
+    assert json.loads((out / "meta.json").read_text())["num_views"] == 6
+    row = max(HEIGHT, GRID[0])  # the bird's-eye view is X pixels tall
+    assert np.asarray(Image.open(out / "occupancy.png")).shape[0] == row
+
+
+def test_skip_on_rerun_and_overwrite(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path)
+    write(w, trainer, [make_sample("a", seed=1), make_sample("b", seed=2)])
+    assert (w.written, w.skipped) == (2, 0)
+    meta_path = tmp_path / "predictions" / "a" / "meta.json"
+    before = meta_path.read_bytes()
+    # Only the frame_id is needed to skip: the module may pass a stub for samples it did not generate.
+    write(w, trainer, [make_sample("a", seed=9), {"frame_id": "b"}])
+    assert (w.written, w.skipped) == (2, 2) and meta_path.read_bytes() == before
+    assert w.should_skip("a") and not w.should_skip("never_written")
+
+    again, _ = ready(tmp_path, overwrite=True)
+    assert not again.should_skip("a")
+    write(again, trainer, [make_sample("a", seed=9)])
+    assert json.loads(meta_path.read_text())["seed"] == 9 and again.written == 1
+
+
+def test_incomplete_when_a_listed_file_is_missing(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path)
+    write(w, trainer, [make_sample("a")])
+    (tmp_path / "predictions" / "a" / "occupancy.png").unlink()
+    assert not w.is_complete("a")
+    (tmp_path / "predictions" / "a" / "meta.json").write_text("{not json")
+    assert not w.is_complete("a")
+    write(w, trainer, [make_sample("a")])
+    assert w.is_complete("a") and w.written == 2
+
+
+def test_failure_mid_sample_leaves_nothing_under_final_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w, trainer = ready(tmp_path)
+    write(w, trainer, [make_sample("a")])  # complete; the failing overwrite below must un-complete it first
+
+    def broken_npz(f: Any, arrays: Any, stored: Any = ()) -> None:
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "write_npz", broken_npz)
+    for frame_id, overwrite in (("b", False), ("a", True)):
+        w.overwrite = overwrite
+        with pytest.raises(OSError, match="disk full"):
+            write(w, trainer, [make_sample(frame_id)])
+        out = tmp_path / "predictions" / frame_id
+        assert not (out / "meta.json").exists() and not w.is_complete(frame_id)
+        assert leftovers(tmp_path) == []
+    assert not (tmp_path / "predictions" / "b" / "occupancy.npz").exists()
+    monkeypatch.undo()
+    write(w, trainer, [make_sample("a"), make_sample("b")])
+    assert w.is_complete("a") and w.is_complete("b")
+
+
+def test_atomic_write_keeps_old_content_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    native_export.atomic_write(target, b"old")
+
+    def fail(f: Any) -> None:
+        f.write(b"new but partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        native_export.atomic_write(target, fail)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["file.bin"]
+
+
+@pytest.mark.parametrize("frame_id", ["a/b", "a\\b", "..", ".hidden", "", "semantic_kitti", "x\0y", 7])
+def test_bad_frame_id(tmp_path: Path, frame_id: Any) -> None:
+    w, trainer = ready(tmp_path)
+    with pytest.raises(ValueError, match="frame_id") as info:
+        write(w, trainer, [make_sample("ok") | {"frame_id": frame_id}])
+    assert repr(frame_id) in str(info.value)
+    with pytest.raises(ValueError, match="frame_id"):
+        w.is_complete(frame_id)
+    assert check_frame_id("08_000005") == "08_000005"
+
+
+def test_malformed_samples(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, class_names=["empty", "car"])
+    with pytest.raises(ValueError, match=r"'a'.*lacks \['images'\]"):
+        write(w, trainer, [{k: v for k, v in make_sample("a").items() if k != "images"}])
+    with pytest.raises(ValueError, match="class_names"):
+        write(w, trainer, [make_sample("a")])
+    with pytest.raises(TypeError, match="list of per-sample dicts"):
+        write(w, trainer, make_sample("a"))  # type: ignore[arg-type]
+    w.class_names, w.colors = None, None
+    with pytest.raises(ValueError, match="mode"):
+        write(w, trainer, [make_sample("a") | {"mode": "sketch"}])
+    with pytest.raises(ValueError, match="intrinsics"):
+        write(w, trainer, [make_sample("a") | {"intrinsics": torch.eye(3)[None].repeat(2, 1, 1)}])
+    assert not (tmp_path / "predictions" / "a").exists()
+
+
+def test_constructor_and_output_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown export.*'nuscenes'.*semantic_kitti"):
+        GenerationWriter(export=["nuscenes"])
+    unresolved = GenerationWriter()
+    with pytest.raises(RuntimeError, match="output folder"):
+        unresolved.is_complete("a")
+    assert unresolved.resolve_output_dir(fake_trainer(tmp_path)) == tmp_path / "predictions"
+    assert not unresolved.is_complete("a")
+    assert GenerationWriter(output_dir=str(tmp_path)).is_complete("a") is False  # usable before setup
+
+
+def test_jsonargparse_signature() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(GenerationWriter, "writer")
+    cfg = parser.parse_args(["--writer.export=[semantic_kitti]", "--writer.output_dir=out", "--writer.overwrite=true"])
+    built = GenerationWriter(**cfg.writer.as_dict())
+    assert built.export == ["semantic_kitti"] and built.overwrite and built.output_dir == "out"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SemanticKITTI export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_back(root: Path, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    dataset = SemanticKittiDataset(root, grid_size=GRID, crop_size=(WIDTH, HEIGHT), **kwargs)
+    return {dataset.frame_id(i): dataset[i] for i in range(len(dataset))}
+
+
+def test_semantic_kitti_round_trip(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, export=["semantic_kitti"])
+    samples = [make_sample(f"prompt{i:05d}_sample00", seed=i) for i in range(3)]
+    write(w, trainer, samples)
+    out = tmp_path / "predictions"
+    items = read_back(out / "semantic_kitti", split="val")
+    assert len(items) == 3
+    for sample in samples:
+        meta = json.loads((out / sample["frame_id"] / "meta.json").read_text())
+        export = meta["exports"]["semantic_kitti"]
+        assert export["crop_size"] == [WIDTH, HEIGHT]
+        assert export["sequence"] == "08" and export["stem"] == SemanticKittiExporter(out / "semantic_kitti").lookup(
+            sample["frame_id"]
+        )
+        assert (out / "semantic_kitti" / "frame_ids" / f"{export['stem']}.txt").read_text() == sample["frame_id"]
+        item = items[f"08_{export['stem']}"]
+        np.testing.assert_array_equal(item["occupancy"].numpy(), sample["occupancy"].numpy())
+        np.testing.assert_allclose(item["intrinsics"], sample["intrinsics"], rtol=1e-6)
+        np.testing.assert_allclose(item["voxel_to_camera"], sample["voxel_to_camera"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(item["voxel_origin"], sample["voxel_origin"])
+        assert float(item["voxel_size"]) == pytest.approx(1.6)
+        np.testing.assert_allclose(item["image"], sample["images"], atol=0.5 / 255 + 1e-6)
+        assert all((out / path).is_file() for path in export["files"])
+    assert w.is_complete(samples[0]["frame_id"])
+    # A writer without the export considers the samples complete; one with it needs the export listed.
+    assert GenerationWriter(output_dir=str(out)).is_complete(samples[0]["frame_id"])
+
+    # Re-writing keeps each frame_id's stem: no duplicate frames.
+    again, _ = ready(tmp_path, export=["semantic_kitti"], overwrite=True)
+    write(again, trainer, samples[:1])
+    assert len(read_back(out / "semantic_kitti", split="val")) == 3
+    assert leftovers(tmp_path) == []
+
+
+def test_semantic_kitti_other_origin_and_cameras(tmp_path: Path) -> None:
+    """A shifted voxel origin is folded into Tr; a second camera gets sequence 22 and moves a re-written frame."""
+    w, trainer = ready(tmp_path, export=["semantic_kitti"])
+    shifted = make_sample("shifted", origin=(1.6, -24.0, -1.6))
+    other_camera = make_sample("zoomed", focal_scale=1.5)
+    write(w, trainer, [shifted, other_camera])
+    root = tmp_path / "predictions" / "semantic_kitti"
+    item = next(iter(read_back(root, split="val").values()))
+    np.testing.assert_array_equal(item["occupancy"].numpy(), shifted["occupancy"].numpy())
+    # Voxel centres land on the same camera points: reader frame vs the sample's frame.
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in GRID], indexing="ij"), -1).reshape(-1, 3) + 0.5
+    ours = shifted["voxel_to_camera"][0].double().numpy()
+    theirs = item["voxel_to_camera"][0].double().numpy()
+    points = np.c_[index * 1.6 + np.array([1.6, -24.0, -1.6]), np.ones(len(index))]
+    points_reader = np.c_[index * 1.6 + np.array(KITTI_ORIGIN), np.ones(len(index))]
+    np.testing.assert_allclose(points_reader @ theirs.T, points @ ours.T, atol=1e-4)
+
+    zoomed = read_back(root, split="val", sequences=["22"])
+    assert len(zoomed) == 1
+    np.testing.assert_allclose(next(iter(zoomed.values()))["intrinsics"], other_camera["intrinsics"], rtol=1e-6)
+
+    # The same frame_id re-written through camera 08 leaves sequence 22.
+    w.overwrite = True
+    write(w, trainer, [make_sample("zoomed", origin=(1.6, -24.0, -1.6))])
+    assert len(read_back(root, split="val")) == 2
+    assert read_back(root, split="val", sequences=["22"]) == {}
+
+
+def test_semantic_kitti_stem_collisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SemanticKittiExporter, "stem_hash", staticmethod(lambda frame_id: 999_999))
+    w, trainer = ready(tmp_path, export=["semantic_kitti"])
+    write(w, trainer, [make_sample("first"), make_sample("second"), make_sample("first", seed=5)])
+    exporter = SemanticKittiExporter(tmp_path / "predictions" / "semantic_kitti")
+    assert (exporter.lookup("first"), exporter.lookup("second"), exporter.lookup("third")) == ("999999", "000000", None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"views": 6}, "one camera"),
+        ({"occupancy": torch.zeros(32, 32, 8, dtype=torch.uint8)}, "X == Y == 8"),
+        ({"voxel_size": 0.2}, "voxel_size"),
+        ({"occupancy": torch.full(GRID, 25, dtype=torch.uint8)}, "invalid train ids"),
+    ],
+)
+def test_semantic_kitti_rejects_unfit_samples(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    w, trainer = ready(tmp_path, export=["semantic_kitti"])
+    sample = make_sample("unfit", views=change.pop("views", 1)) | change
+    with pytest.raises(ValueError, match=f"'unfit'.*{message}"):
+        write(w, trainer, [sample])
+    assert not (tmp_path / "predictions" / "unfit").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inside a real Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TinyGenerator(pl.LightningModule):
+    """predict_step of the contract; it asks the writer which samples to skip, as module.py will."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generated: list[str] = []
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        writer_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, GenerationWriter))  # type: ignore[attr-defined]
+        samples = []
+        for index in batch.tolist():
+            frame_id = f"prompt{index:05d}_sample00"
+            if writer_cb.should_skip(frame_id):
+                samples.append({"frame_id": frame_id})
+                continue
+            self.generated.append(frame_id)
+            samples.append(make_sample(frame_id, seed=index))
+        return samples
+
+
+def test_inside_lightning_trainer(tmp_path: Path) -> None:
+    def run() -> tuple[TinyGenerator, GenerationWriter]:
+        w = GenerationWriter(progress=True)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+            callbacks=[w], enable_model_summary=False,
+        )  # fmt: skip
+        model = TinyGenerator()
+        trainer.predict(model, DataLoader(torch.arange(3), batch_size=2), return_predictions=False)
+        return model, w
+
+    model, w = run()
+    assert model.generated == [f"prompt{i:05d}_sample00" for i in range(3)] and (w.written, w.skipped) == (3, 0)
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == model.generated
+    model, w = run()
+    assert model.generated == [] and (w.written, w.skipped) == (0, 3)

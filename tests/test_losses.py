@@ -376,3 +376,26 @@ def test_ssc_loss_without_relation_logits_or_cameras() -> None:
     assert terms["relation"].item() == 0.0 and torch.isfinite(terms["loss"])
     with pytest.raises(KeyError, match="frustum_masks"):
         ssc_loss(output, {"occupancy": batch["occupancy"]})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_frustum_ids_match_masks_and_give_the_same_loss(seed: int) -> None:
+    from occscene_pl.losses import frustum_ids, frustum_masks, frustum_proportion_loss
+
+    g = torch.Generator().manual_seed(seed)
+    grid, image_size = (8, 8, 4), (24, 40)
+    n = 8 * 8 * 4
+    pixels = torch.rand(2, n, 2, generator=g) * torch.tensor([52.0, 32.0]) - torch.tensor([6.0, 4.0])
+    pixels[0, :5] = torch.tensor([[5.0, 3.0], [4.999, 2.5], [39.5, 23.5], [0.0, 0.0], [35.0, 21.0]])  # band edges
+    depth = torch.randn(2, n, generator=g)
+    masks = frustum_masks(pixels, depth, image_size, grid, 8)
+    ids = frustum_ids(pixels, depth, image_size, grid, 8)
+    expected = torch.where(masks.any(1), masks.float().argmax(1), torch.full_like(ids, -1))
+    assert torch.equal(ids, expected)
+    assert (masks.sum(1) <= 1).all()  # the cells partition the image
+    logits = torch.randn(2, 5, *grid, generator=g)
+    target = torch.randint(0, 5, (2, *grid), generator=g)
+    target[0, 0] = 255
+    by_mask = frustum_proportion_loss(logits, target, masks)
+    by_id = frustum_proportion_loss(logits, target, ids, num_frustums=64)
+    torch.testing.assert_close(by_id, by_mask)

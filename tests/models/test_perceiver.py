@@ -56,6 +56,18 @@ def test_output_shapes(views: int, project_scale: int, grid: tuple[int, int, int
         assert "relation_logits" not in output
 
 
+@pytest.mark.parametrize(("project_scale", "grid"), [(1, (16, 16, 6)), (2, (16, 12, 5))])
+def test_non_divisible_grid_is_padded_and_cropped(project_scale: int, grid: tuple[int, int, int]) -> None:
+    model = tiny_perceiver(grid, project_scale=project_scale, context_prior=False)
+    divisor = 4 * project_scale
+    assert model.padded_size == tuple(-(-n // divisor) * divisor for n in grid)
+    images = kitti_like_inputs(1, 1)["images"].requires_grad_(True)
+    output = model(**{**kitti_like_inputs(1, 1), "images": images})
+    assert output["logits"].shape == (1, 5, *grid)
+    output["logits"].sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(("lift_scales", "up_blocks"), [((2, 8), 4), ((8, 32), 2), ((1,), 4)])
 def test_decoder_builds_only_the_needed_levels(lift_scales: tuple[int, ...], up_blocks: int) -> None:
     model = tiny_perceiver((16, 16, 8), project_scale=1, context_prior=False, lift_scales=lift_scales)

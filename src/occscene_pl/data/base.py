@@ -84,6 +84,8 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
     splits: ClassVar[tuple[str, ...]]
     scene_description: ClassVar[str]
     """Leading noun phrase of templated prompts, e.g. ``"a driving scene"``."""
+    class_weights: ClassVar[tuple[float, ...]]
+    """Cross-entropy class weights of the reference implementation (MonoScene / OpenOccupancy), by train id."""
 
     def __init__(
         self,
@@ -234,6 +236,7 @@ class OccupancyDataModule(pl.LightningDataModule):
         self.samples_per_prompt = samples_per_prompt
         self.class_names: list[str] = list(self.dataset_class.class_names)
         self.num_classes: int = len(self.class_names)
+        self.class_weights: list[float] = [float(w) for w in self.dataset_class.class_weights]
         if grid_size is not None and (len(grid_size) != 3 or min(grid_size) < 1):
             raise ValueError(f"grid_size must be three positive integers (X, Y, Z), got {grid_size!r}")
         self.grid_size: tuple[int, int, int] = tuple(grid_size or self.dataset_class.default_grid_size)  # type: ignore[assignment]

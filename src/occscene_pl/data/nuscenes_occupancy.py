@@ -330,6 +330,7 @@ class NuScenesOccupancyDataset(OccupancyDataset):
 
     class_names: ClassVar[tuple[str, ...]] = NUSCENES_OCCUPANCY_CLASSES
     default_grid_size: ClassVar[tuple[int, int, int]] = (512, 512, 40)
+    class_weights: ClassVar[tuple[float, ...]] = tuple(float(w) for w in class_weights())
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
     scene_description: ClassVar[str] = "a driving scene in a city"
 

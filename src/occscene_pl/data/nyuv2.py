@@ -280,6 +280,7 @@ class NYUv2Dataset(OccupancyDataset):
 
     class_names: ClassVar[tuple[str, ...]] = NYUV2_CLASSES
     default_grid_size: ClassVar[tuple[int, int, int]] = (60, 60, 36)
+    class_weights: ClassVar[tuple[float, ...]] = NYUV2_CLASS_WEIGHTS
     """``(X, Y, Z)``: MonoScene's (60, 36, 60) ``[X, Z, Y]`` target with its last two axes swapped."""
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     scene_description: ClassVar[str] = "an indoor room"

@@ -507,6 +507,7 @@ class SemanticKittiDataset(OccupancyDataset):
 
     class_names: ClassVar[tuple[str, ...]] = SEMANTIC_KITTI_CLASSES
     default_grid_size: ClassVar[tuple[int, int, int]] = (256, 256, 32)
+    class_weights: ClassVar[tuple[float, ...]] = tuple(float(w) for w in class_weights())
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     scene_description: ClassVar[str] = "a driving scene"
     SPLIT_SEQUENCES: ClassVar[dict[str, tuple[str, ...]]] = {

@@ -358,13 +358,15 @@ class SceneGenerator(nn.Module):
         return torch.where(weight == 0, table[low], interpolated)
 
     def training_targets(
-        self, latents: Tensor, generator: torch.Generator | None = None
+        self, latents: Tensor, generator: torch.Generator | None = None, timesteps: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Noise clean latents at uniformly drawn timesteps.
+        """Noise clean latents at uniformly drawn (or given) timesteps.
 
         Args:
             latents: ``(N, c, h, w)`` clean latents ``z_0``.
             generator: Optional RNG for the timesteps and the noise (on any device).
+            timesteps: Optional ``(N,)`` integer timesteps to use instead of drawing them (e.g. one per scene,
+                shared by its camera views).
 
         Returns:
             ``(noisy, target, timesteps)``: ``z_t`` ``(N, c, h, w)``; the regression target of the UNet for the
@@ -373,7 +375,10 @@ class SceneGenerator(nn.Module):
         """
         n = latents.shape[0]
         rng_device = generator.device if generator is not None else latents.device
-        timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=rng_device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=rng_device)
+        elif timesteps.shape != (n,) or timesteps.is_floating_point():
+            raise ValueError(f"SceneGenerator: timesteps must be ({n},) integers, got {tuple(timesteps.shape)}")
         timesteps = timesteps.to(latents.device)
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -151,13 +151,15 @@ def _check_geometry(
     if project_scale < 1 or project_scale & (project_scale - 1):
         raise ValueError(f"project_scale must be a power of two (1, 2, 4, ...), got {project_scale}")
     divisor = 4 * project_scale
-    if any(n % divisor for n in grid):
+    if context_prior and any(n % divisor for n in grid):
         raise ValueError(
-            f"grid_size {grid} must be divisible by 4 * project_scale = {divisor} in every axis: the 3D UNet halves "
-            f"the lifted grid (grid_size // project_scale) twice; crop/pad the grid or change project_scale"
+            f"grid_size {grid} must be divisible by 4 * project_scale = {divisor} in every axis with the context "
+            "prior (its relation targets live on grid_size // divisor); change project_scale or set context_prior=False"
         )
     if feature_dim < 4 or feature_dim % 4:
         raise ValueError(f"feature_dim must be a positive multiple of 4 (DDR bottleneck width), got {feature_dim}")
+    # The 3D UNet halves the lifted grid twice: other grids are padded at the far end and the logits cropped back.
+    grid = tuple(-(-n // divisor) * divisor for n in grid)
     bottleneck = tuple(n // divisor for n in grid)
     if context_prior and min(bottleneck) < 2:
         raise ValueError(
@@ -172,7 +174,8 @@ class OccupancyPerceiver(nn.Module):
 
     Args:
         num_classes: number of SSC classes (0 = empty).
-        grid_size: output grid ``(X, Y, Z)``; divisible by ``4 * project_scale`` in every axis.
+        grid_size: output grid ``(X, Y, Z)``. The network runs on the grid padded (at the far end) to a multiple of
+            ``4 * project_scale`` and crops its logits back; with the context prior no padding is allowed.
         backbone: timm model name of the 2D encoder (CNN with NCHW feature maps).
         pretrained: local weights file of ``backbone`` (see :func:`build_backbone`); ``None`` = random init.
         feature_dim: channels of the lifted 3D features (MonoScene: 64 KITTI, 200 NYU); a multiple of 4.
@@ -184,8 +187,9 @@ class OccupancyPerceiver(nn.Module):
         n_relations: relation maps of the context prior (MonoScene: 4; 2 for the binary variant).
 
     Attributes:
-        lifted_size: ``grid_size // project_scale``.
-        bottleneck_size: ``grid_size // (4 * project_scale)``, the grid of the relation logits' voxel axis.
+        padded_size: ``grid_size`` rounded up to a multiple of ``4 * project_scale``.
+        lifted_size: ``padded_size // project_scale``.
+        bottleneck_size: ``padded_size // (4 * project_scale)``, the grid of the relation logits' voxel axis.
         relation_downsample: ``4 * project_scale``, the label downsampling that gives the relation targets' grid.
     """
 
@@ -210,10 +214,11 @@ class OccupancyPerceiver(nn.Module):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         if not lift_scales:
             raise ValueError("lift_scales must name at least one 2D scale")
-        self.grid_size, self.bottleneck_size = _check_geometry(grid_size, project_scale, feature_dim, context_prior)
+        self.padded_size, self.bottleneck_size = _check_geometry(grid_size, project_scale, feature_dim, context_prior)
+        self.grid_size = tuple(int(n) for n in grid_size)
         self.num_classes = num_classes
         self.project_scale = project_scale
-        self.lifted_size = tuple(n // project_scale for n in self.grid_size)
+        self.lifted_size = tuple(n // project_scale for n in self.padded_size)
         self.relation_downsample = 4 * project_scale
 
         self.encoder = build_backbone(backbone, pretrained)
@@ -282,7 +287,8 @@ class OccupancyPerceiver(nn.Module):
             bottleneck, relation_logits = self.context_prior(bottleneck)
         up = self.decode_2(bottleneck) + half
         up = self.decode_1(up) + lifted
-        output["logits"] = self.head(self.head_upsample(up))
+        gx, gy, gz = self.grid_size
+        output["logits"] = self.head(self.head_upsample(up))[..., :gx, :gy, :gz]
         if self.context_prior is not None:
             output["relation_logits"] = relation_logits
         return output

@@ -401,7 +401,9 @@ class OccSceneModule(pl.LightningModule):
                 total = total + cfg.generated_ssc * generated
         return total
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step, also with gradient accumulation."""
+        super().optimizer_step(*args, **kwargs)
         if self.unet_ema is not None and self.generator is not None:
             decay = float(self.hparams["ema_decay"])
             ema: list[Tensor] = list(self.unet_ema.parameters())

@@ -2,14 +2,65 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from occscene_pl.cli import main
 
 REPO = Path(__file__).parents[1]
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """The test machine is small and shared: one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _csv_logger(save_dir: Path) -> str:
+    """A ``--trainer.logger`` argument selecting a CSVLogger writing under ``save_dir``."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
+    return f"--trainer.logger={json.dumps(logger)}"
+
+
+def _logged(save_dir: Path) -> dict[str, list[float]]:
+    """Every metric a CSVLogger wrote under ``save_dir``: name -> its logged values."""
+    values: dict[str, list[float]] = {}
+    for path in save_dir.rglob("metrics.csv"):
+        with path.open(newline="") as file:
+            for row in csv.DictReader(file):
+                for key, value in row.items():
+                    if value not in ("", None):
+                        values.setdefault(key, []).append(float(value))
+    return values
+
+
+def _check_predictions(folder: Path, grid_size: tuple[int, int, int]) -> None:
+    """Layout-mode predict output: per sample the image(s), occupancy.npz, occupancy.png and meta.json."""
+    samples = [d for d in folder.iterdir() if d.is_dir()]
+    assert len(samples) == 1, f"expected one sample folder (limit_predict_batches=1) in {folder}"
+    sample = samples[0]
+    meta = json.loads((sample / "meta.json").read_text())
+    views = meta["num_views"]
+    images = ["image.png"] if views == 1 else [f"image_{v}.png" for v in range(views)]
+    assert sorted(meta["files"]) == sorted([*images, "occupancy.npz", "occupancy.png"])
+    for name in meta["files"]:
+        assert (sample / name).is_file(), f"{sample.name} lacks {name}"
+    with np.load(sample / "occupancy.npz") as arrays:
+        assert arrays["labels"].shape == grid_size and arrays["condition"].shape == grid_size
+        assert arrays["intrinsics"].shape == (views, 3, 3)
+    assert meta["frame_id"] == sample.name and meta["mode"] == "layout" and meta["prompt"]
+    assert 0.0 <= meta["meta"]["consistency_miou"] <= 1.0
 
 
 def _run(subcommand: str, config: str, tmp_path: Path, *extra: str) -> None:
@@ -27,39 +78,56 @@ def _run(subcommand: str, config: str, tmp_path: Path, *extra: str) -> None:
 
 
 @pytest.fixture
-def dataset_args(request: pytest.FixtureRequest) -> tuple[str, list[str]]:
+def dataset_args(request: pytest.FixtureRequest) -> tuple[str, list[str], tuple[int, int, int]]:
     name = request.param
     if name == "kitti":
         root = request.getfixturevalue("kitti_root")
-        return "kitti.yaml", [
+        args = [
             f"--data.root={root}",
             "--data.grid_size=[32, 32, 4]",
             "--data.crop_size=[96, 40]",
             "--data.image_size=[32, 96]",
         ]
+        return "kitti.yaml", args, (32, 32, 4)
     if name == "nyuv2":
         root = request.getfixturevalue("nyuv2_root")
-        return "nyuv2.yaml", [f"--data.root={root}", "--data.grid_size=[8, 8, 4]", "--data.image_size=[48, 64]"]
+        args = [f"--data.root={root}", "--data.grid_size=[8, 8, 4]", "--data.image_size=[48, 64]"]
+        return "nyuv2.yaml", args, (8, 8, 4)
     root, occupancy_root = request.getfixturevalue("nuscenes_roots")
-    return "nuscenes_occupancy.yaml", [
-        f"--data.root={root}",
-        f"--data.occupancy_root={occupancy_root}",
-        "--data.grid_size=[64, 64, 5]",
-        "--data.crop_box=[0, 0, 160, 90]",
-        "--data.image_size=[32, 48]",
-    ]
+    return (
+        "nuscenes_occupancy.yaml",
+        [
+            f"--data.root={root}",
+            f"--data.occupancy_root={occupancy_root}",
+            "--data.grid_size=[64, 64, 5]",
+            "--data.crop_box=[0, 0, 160, 90]",
+            "--data.image_size=[32, 48]",
+        ],
+        (64, 64, 5),
+    )
 
 
 @pytest.mark.parametrize("dataset_args", ["kitti", "nyuv2", "nuscenes"], indirect=True)
-def test_fit_test_predict(dataset_args: tuple[str, list[str]], tmp_path: Path) -> None:
-    config, args = dataset_args
-    _run("fit", config, tmp_path, *args)
+def test_fit_test_predict(dataset_args: tuple[str, list[str], tuple[int, int, int]], tmp_path: Path) -> None:
+    """fit logs the perceiver's val/miou and the generation's val/consistency_miou; test logs both too; validate
+    runs; predict over the split writes every output file of a layout-controlled sample."""
+    config, args, grid_size = dataset_args
+    _run("fit", config, tmp_path, *args, _csv_logger(tmp_path / "fit_logs"))
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))
     assert checkpoints, f"fit wrote no last.ckpt under {tmp_path}"
     assert sorted(tmp_path.rglob("config.yaml")), "fit did not save its resolved config"
-    _run("test", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")
+    logged = _logged(tmp_path / "fit_logs")
+    for key in ("val/miou", "val/iou", "val/consistency_miou", "train/loss"):
+        assert key in logged, f"fit did not log {key}; logged: {sorted(logged)}"
+        assert all(math.isfinite(v) for v in logged[key])
+    assert all(0.0 <= v <= 1.0 for v in logged["val/miou"] + logged["val/consistency_miou"])
+    assert sorted((tmp_path / "fit_logs").rglob("samples/val_step*.png")), "no validation picture was logged"
+    _run("test", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}", _csv_logger(tmp_path / "test_logs"))
+    logged = _logged(tmp_path / "test_logs")
+    assert {"test/miou", "test/consistency_miou"} <= set(logged), sorted(logged)
     _run("validate", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")
     _run("predict", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")
+    _check_predictions(tmp_path / "predictions", grid_size)
 
 
 def test_demo_config_generates_and_trains(tmp_path: Path) -> None:

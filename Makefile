@@ -38,8 +38,16 @@ format: $(STAMP)  ## Format the code and apply safe lint fixes
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-demo: $(STAMP)  ## Generate the demo dataset, train on it and sample from it (CPU, runs/demo/)
-	$(BIN)/occscene-pl fit --config configs/demo.yaml
+DEMO_LAST = ls -t runs/demo/lightning_logs/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1
+
+demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it, generate scenes (CPU, ~10 min, runs/demo/)
+	@if [ -n "$$($(DEMO_LAST))" ]; then echo "demo: $$($(DEMO_LAST)) exists, skipping training (make clean to retrain)"; \
+	else $(BIN)/occscene-pl fit --config configs/demo.yaml; fi
+	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
+		--data.prompts configs/demo_prompts.txt
+	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
+		--model.sampling.predict_mode layout --trainer.limit_predict_batches 1
+	@echo "demo: generated scenes in runs/demo/samples/ (image.png, occupancy.png, occupancy.npz, meta.json)"
 
 bench: $(STAMP)  ## Run the benchmarks, results as JSON in bench-results/
 	@mkdir -p bench-results

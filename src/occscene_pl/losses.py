@@ -211,8 +211,8 @@ def frustum_ids(
     # compared one band at a time.
     fractions = torch.tensor([i * 1.0 / frustum_size for i in range(frustum_size + 1)], dtype=torch.float64)
     fractions[-1] = 1.0
-    col = torch.bucketize(pixels[..., 0], (fractions * width).to(device), right=True) - 1
-    row = torch.bucketize(pixels[..., 1], (fractions * height).to(device), right=True) - 1
+    col = torch.bucketize(pixels[..., 0].contiguous(), (fractions * width).to(device), right=True) - 1
+    row = torch.bucketize(pixels[..., 1].contiguous(), (fractions * height).to(device), right=True) - 1
     inside = (col >= 0) & (col < frustum_size) & (row >= 0) & (row < frustum_size) & (depth > 0)
     ids = torch.where(inside, row * frustum_size + col, torch.full_like(col, -1))
     return ids.reshape(batch, *grid_size)

@@ -46,7 +46,7 @@ demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it, generate sce
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
 		--data.prompts configs/demo_prompts.txt
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
-		--model.sampling.predict_mode layout --trainer.limit_predict_batches 1
+		--model.sampling.predict_mode layout --data.predict_limit 8
 	@echo "demo: generated scenes in runs/demo/samples/ (image.png, occupancy.png, occupancy.npz, meta.json)"
 
 bench: $(STAMP)  ## Run the benchmarks, results as JSON in bench-results/

@@ -70,3 +70,27 @@ def test_prompt_dataset_seeds_ids_and_collate(tmp_path: Path) -> None:
     assert batch["image_size"].tolist() == [[32, 96], [32, 96]]
     with pytest.raises(ValueError, match="missing the keys"):
         PromptDataset(["a"], {"intrinsics": torch.eye(3)})
+
+
+def test_predict_limit_keeps_the_first_samples(tmp_path: Path) -> None:
+    from occscene_pl.data.base import OccupancyDataModule
+
+    class _Tiny(OccupancyDataModule):
+        dataset_class = None  # type: ignore[assignment]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    camera = {
+        "intrinsics": torch.eye(3)[None],
+        "voxel_to_camera": torch.eye(4)[None],
+        "voxel_origin": torch.zeros(3),
+        "voxel_size": 0.2,
+        "image_size": (8, 8),
+    }
+    dataset = PromptDataset(str(prompts), camera, samples_per_prompt=2)
+    module = object.__new__(_Tiny)
+    module.predict_limit = 3
+    module._predict_dataset = lambda: dataset  # type: ignore[method-assign]
+    limited = OccupancyDataModule.predict_dataset(module)
+    assert len(limited) == 3  # type: ignore[arg-type]
+    assert [limited[i]["frame_id"] for i in range(3)] == [dataset[i]["frame_id"] for i in range(3)]

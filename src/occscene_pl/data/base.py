@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from occscene_pl.data.prompts import PromptDataset, describe_scene, load_captions
@@ -191,6 +191,7 @@ class OccupancyDataModule(pl.LightningDataModule):
             are used when ``prompts`` is ``None``.
         predict_seed: base seed of text-only generation (sample ``i`` uses ``predict_seed + i``).
         samples_per_prompt: samples drawn per prompt in ``predict``.
+        predict_limit: predict only the first this many samples (prompts x samples or dataset samples); None = all.
     """
 
     dataset_class: ClassVar[type[OccupancyDataset]]
@@ -212,6 +213,7 @@ class OccupancyDataModule(pl.LightningDataModule):
         predict_seed: int = 0,
         samples_per_prompt: int = 1,
         grid_size: Sequence[int] | None = None,
+        predict_limit: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -234,6 +236,9 @@ class OccupancyDataModule(pl.LightningDataModule):
         self.predict_split = predict_split
         self.predict_seed = predict_seed
         self.samples_per_prompt = samples_per_prompt
+        if predict_limit is not None and predict_limit < 1:
+            raise ValueError(f"predict_limit must be >= 1 or null, got {predict_limit}")
+        self.predict_limit = predict_limit
         self.class_names: list[str] = list(self.dataset_class.class_names)
         self.num_classes: int = len(self.class_names)
         self.class_weights: list[float] = [float(w) for w in self.dataset_class.class_weights]
@@ -270,7 +275,14 @@ class OccupancyDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown stage {stage!r}")
 
     def predict_dataset(self) -> Dataset[dict[str, Any]]:
-        """Prompts with the rig of the first ``predict_split`` sample, or that split itself when no prompts."""
+        """Prompts with the rig of the first ``predict_split`` sample, or that split itself when no prompts (the first
+        ``predict_limit`` samples of either)."""
+        dataset = self._predict_dataset()
+        if self.predict_limit is not None and self.predict_limit < len(dataset):  # type: ignore[arg-type]
+            return Subset(dataset, range(self.predict_limit))
+        return dataset
+
+    def _predict_dataset(self) -> Dataset[dict[str, Any]]:
         reference = self.build_dataset(self.predict_split, augment=False)
         if self.prompts is None:
             return reference

@@ -38,14 +38,24 @@ format: $(STAMP)  ## Format the code and apply safe lint fixes
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-DEMO_LAST = ls -t runs/demo/lightning_logs/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1
+DEMO_FIT = $(BIN)/occscene-pl fit --config configs/demo.yaml
+last_ckpt = $$(ls -t runs/demo/$(1)/lightning_logs/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
-demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it, generate scenes (CPU, ~10 min, runs/demo/)
-	@if [ -n "$$($(DEMO_LAST))" ]; then echo "demo: $$($(DEMO_LAST)) exists, skipping training (make clean to retrain)"; \
-	else $(BIN)/occscene-pl fit --config configs/demo.yaml; fi
-	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
+demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it in 3 stages, generate scenes (CPU, ~10 min, runs/demo/)
+	@# Stage 1: the perceiver alone (paper: a pre-trained perception model). Stages are skipped when already trained.
+	@if [ -z "$(call last_ckpt,1_perception)" ]; then set -x; $(DEMO_FIT) --model.mode perception \
+		--trainer.default_root_dir runs/demo/1_perception --trainer.max_steps 120 --trainer.val_check_interval 120; fi
+	@# Stage 2: UNet + MDA on ground-truth layouts, perceiver frozen (paper.md §10.7 stage 1 of the generator).
+	@if [ -z "$(call last_ckpt,2_generation)" ]; then set -x; $(DEMO_FIT) --model.mode generation \
+		--model.init_from "$(call last_ckpt,1_perception)" --trainer.default_root_dir runs/demo/2_generation \
+		--trainer.max_steps 300 --trainer.val_check_interval 300; fi
+	@# Stage 3: OccScene joint training (mutual learning), from stage 2.
+	@if [ -z "$(call last_ckpt,3_joint)" ]; then set -x; $(DEMO_FIT) --model.mode joint \
+		--model.init_from "$(call last_ckpt,2_generation)" --trainer.default_root_dir runs/demo/3_joint \
+		--trainer.max_steps 20 --trainer.val_check_interval 20; fi
+	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \
 		--data.prompts configs/demo_prompts.txt
-	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$$($(DEMO_LAST))" \
+	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \
 		--model.sampling.predict_mode layout --data.predict_limit 8
 	@echo "demo: generated scenes in runs/demo/samples/ (image.png, occupancy.png, occupancy.npz, meta.json)"
 

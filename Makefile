@@ -44,15 +44,15 @@ last_ckpt = $$(ls -t runs/demo/$(1)/lightning_logs/version_*/checkpoints/last.ck
 demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it in 3 stages, generate scenes (CPU, ~10 min, runs/demo/)
 	@# Stage 1: the perceiver alone (paper: a pre-trained perception model). Stages are skipped when already trained.
 	@if [ -z "$(call last_ckpt,1_perception)" ]; then set -x; $(DEMO_FIT) --model.mode perception \
-		--trainer.default_root_dir runs/demo/1_perception --trainer.max_steps 120 --trainer.val_check_interval 120; fi
+		--trainer.default_root_dir runs/demo/1_perception --trainer.max_steps 100 --trainer.val_check_interval 100; fi
 	@# Stage 2: UNet + MDA on ground-truth layouts, perceiver frozen (paper.md §10.7 stage 1 of the generator).
 	@if [ -z "$(call last_ckpt,2_generation)" ]; then set -x; $(DEMO_FIT) --model.mode generation \
 		--model.init_from "$(call last_ckpt,1_perception)" --trainer.default_root_dir runs/demo/2_generation \
-		--trainer.max_steps 300 --trainer.val_check_interval 300; fi
+		--trainer.max_steps 260 --trainer.val_check_interval 260; fi
 	@# Stage 3: OccScene joint training (mutual learning), from stage 2.
 	@if [ -z "$(call last_ckpt,3_joint)" ]; then set -x; $(DEMO_FIT) --model.mode joint \
 		--model.init_from "$(call last_ckpt,2_generation)" --trainer.default_root_dir runs/demo/3_joint \
-		--trainer.max_steps 20 --trainer.val_check_interval 20; fi
+		--trainer.max_steps 15 --trainer.val_check_interval 15; fi
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \
 		--data.prompts configs/demo_prompts.txt
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \

@@ -21,14 +21,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the fakes live in tests/, which is not an installed package
     sys.path.insert(0, str(REPO))
 
-from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy  # noqa: E402
-from tests.fakes.nyuv2 import write_fake_nyuv2  # noqa: E402
-from tests.fakes.semantic_kitti import write_fake_semantic_kitti  # noqa: E402
-
 from occscene_pl.data.demo import generate_demo_dataset  # noqa: E402
 from occscene_pl.data.nuscenes_occupancy import NuScenesOccupancyDataset  # noqa: E402
 from occscene_pl.data.nyuv2 import NYUv2Dataset  # noqa: E402
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset  # noqa: E402
+from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy  # noqa: E402
+from tests.fakes.nyuv2 import write_fake_nyuv2  # noqa: E402
+from tests.fakes.semantic_kitti import write_fake_semantic_kitti  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int = 5) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy
 from tests.fakes.nyuv2 import write_fake_nyuv2
 from tests.fakes.semantic_kitti import write_fake_semantic_kitti

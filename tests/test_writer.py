@@ -411,3 +411,13 @@ def test_inside_lightning_trainer(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == model.generated
     model, w = run()
     assert model.generated == [] and (w.written, w.skipped) == (0, 3)
+
+
+def test_class_names_taken_from_the_module(tmp_path: Path) -> None:
+    w = GenerationWriter(progress=False)
+    module = SimpleNamespace(predict_step=lambda batch: None, class_names=["empty", "car", "road"])
+    w.setup(fake_trainer(tmp_path), module, "predict")  # type: ignore[arg-type]
+    assert w.class_names == ["empty", "car", "road"] and w.colors is not None and len(w.colors) == 3
+    given = GenerationWriter(progress=False, class_names=["a", "b"])
+    given.setup(fake_trainer(tmp_path), module, "predict")  # type: ignore[arg-type]
+    assert given.class_names == ["a", "b"]

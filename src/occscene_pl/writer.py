@@ -119,7 +119,8 @@ class GenerationWriter(BasePredictionWriter):
             (:mod:`occscene_pl.native_export`), under ``<output_dir>/<name>/``.
         overwrite: re-write samples that are already complete.
         class_names: class names, index = train id; sets the picture palette (``palette(len(class_names))``) and is
-            stored in ``meta.json`` and ``occupancy.npz``. ``None`` uses the default palette.
+            stored in ``meta.json`` and ``occupancy.npz``. ``None`` takes the module's ``class_names`` at setup (the
+            names linked from the DataModule), else the default palette.
         progress: show a progress bar of samples written/skipped (rank 0, and only if the trainer has one).
     """
 
@@ -206,6 +207,10 @@ class GenerationWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.resolve_output_dir(trainer)
+        module_names = getattr(pl_module, "class_names", None)
+        if self.class_names is None and module_names:
+            self.class_names = [str(name) for name in module_names]
+            self.colors = palette(len(self.class_names))
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve_output_dir(trainer)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.fakes.nuscenes_occupancy import CAMERA_COLORS, write_fake_nuscenes_occupancy
 
 from occscene_pl.data.base import SAMPLE_KEYS, collate_samples
 from occscene_pl.data.nuscenes_occupancy import (
@@ -26,6 +25,7 @@ from occscene_pl.data.nuscenes_occupancy import (
     write_sparse_occupancy,
 )
 from occscene_pl.geometry import project_points, project_voxels
+from tests.fakes.nuscenes_occupancy import CAMERA_COLORS, write_fake_nuscenes_occupancy
 
 GRID = (64, 64, 5)  # cubic 1.6 m voxels over the 102.4 x 102.4 x 8 m range
 

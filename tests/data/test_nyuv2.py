@@ -13,16 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.fakes.nyuv2 import (
-    NYU_K,
-    encode_rle,
-    expected_nyu12,
-    fake_camera_pose,
-    fake_image,
-    write_fake_nyuv2,
-    write_fake_scene,
-    write_monoscene_pkl,
-)
 
 from occscene_pl.data import nyuv2
 from occscene_pl.data.base import SAMPLE_KEYS
@@ -38,6 +28,16 @@ from occscene_pl.data.nyuv2 import (
     write_sscnet_bin,
 )
 from occscene_pl.geometry import project_voxels, vox2pix
+from tests.fakes.nyuv2 import (
+    NYU_K,
+    encode_rle,
+    expected_nyu12,
+    fake_camera_pose,
+    fake_image,
+    write_fake_nyuv2,
+    write_fake_scene,
+    write_monoscene_pkl,
+)
 
 SMALL_GRID = (8, 8, 4)  # (X, Y, Z); the .bin holds (32, 16, 32) voxels in [X, Z, Y] order
 SMALL_FULL = (32, 16, 32)

@@ -11,14 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.fakes.semantic_kitti import (
-    KITTI_00_CALIB_TXT,
-    KITTI_00_P2,
-    KITTI_00_TR,
-    expected_train_ids,
-    random_raw_labels,
-    write_fake_semantic_kitti,
-)
 
 from occscene_pl.data.base import SAMPLE_KEYS
 from occscene_pl.data.semantic_kitti import (
@@ -39,6 +31,14 @@ from occscene_pl.data.semantic_kitti import (
     write_voxel_frame,
 )
 from occscene_pl.geometry import project_points, project_voxels, vox2pix
+from tests.fakes.semantic_kitti import (
+    KITTI_00_CALIB_TXT,
+    KITTI_00_P2,
+    KITTI_00_TR,
+    expected_train_ids,
+    random_raw_labels,
+    write_fake_semantic_kitti,
+)
 
 SMALL_GRID = (32, 32, 4)  # the KITTI extent at 1.6 m voxels
 SMALL_IMAGE = (70, 44)  # (W, H)

@@ -16,8 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import occscene_pl
-from occscene_pl import native_export, writer
+from occscene_pl import writer
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset
+from occscene_pl.files import atomic_write
 from occscene_pl.native_export import SemanticKittiExporter
 from occscene_pl.writer import GenerationWriter, check_frame_id
 from tests.fakes.semantic_kitti import KITTI_00_P2, KITTI_00_TR
@@ -214,14 +215,14 @@ def test_failure_mid_sample_leaves_nothing_under_final_names(tmp_path: Path, mon
 
 def test_atomic_write_keeps_old_content_on_error(tmp_path: Path) -> None:
     target = tmp_path / "file.bin"
-    native_export.atomic_write(target, b"old")
+    atomic_write(target, b"old")
 
     def fail(f: Any) -> None:
         f.write(b"new but partial")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        native_export.atomic_write(target, fail)
+        atomic_write(target, fail)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["file.bin"]
 
 

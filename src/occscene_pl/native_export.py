@@ -36,10 +36,8 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -51,35 +49,12 @@ from occscene_pl.data.semantic_kitti import (
     write_calib,
     write_voxel_frame,
 )
+from occscene_pl.files import atomic_write
 
-__all__ = ["SemanticKittiExporter", "atomic_write", "create_exclusive", "png_bytes"]
+__all__ = ["SemanticKittiExporter", "create_exclusive", "png_bytes"]
 
 _NUM_STEMS = 10**6
 _VOXEL_SUFFIXES = ("bin", "label", "invalid", "occluded")  # .bin first: it enumerates frames
-
-
-def atomic_write(path: Path, content: bytes | Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a hidden temporary file in the same folder and ``os.replace`` it into place.
-
-    Readers never see a partially written file under the final name; on any error the temporary file is removed and
-    the error propagates. The temporary file is created with ``open(..., "xb")`` so it gets the usual umask
-    permissions.
-
-    Args:
-        path: destination; its folder must exist.
-        content: the bytes, or a function that writes them to the open binary file it is given.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                content(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def create_exclusive(path: Path, data: bytes) -> bool:

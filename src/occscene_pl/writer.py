@@ -34,7 +34,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
 import occscene_pl
-from occscene_pl.native_export import SemanticKittiExporter, atomic_write, png_bytes
+from occscene_pl.files import atomic_write
+from occscene_pl.native_export import SemanticKittiExporter, png_bytes
 from occscene_pl.render import palette, render_occupancy_figure
 
 __all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]

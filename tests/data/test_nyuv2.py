@@ -513,6 +513,23 @@ def test_unwritable_cache_falls_back_with_a_warning(small_copy: dict[str, Any], 
     assert dataset[0]["occupancy"].shape == SMALL_GRID
 
 
+def test_cache_write_failure_warns_and_leaves_no_file(
+    small_copy: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(file: Any, **arrays: Any) -> None:
+        file.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nyuv2.np, "savez_compressed", disk_full)
+    dataset = NYUv2Dataset(small_copy["root"], "test", grid_size=SMALL_GRID, cache_dir=tmp_path / "cache")
+    with pytest.warns(
+        UserWarning, match=r"cannot write the cache file .*\.npz .*No space left on device\); caching disabled"
+    ):
+        occupancy = dataset[0]["occupancy"]
+    assert occupancy.shape == SMALL_GRID and dataset.cache_dir is None
+    assert list((tmp_path / "cache" / "test").iterdir()) == []  # no partial .npz and no temporary file
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # MonoScene's preprocessed .pkl
 

@@ -20,10 +20,7 @@ view ``v`` of every sample, of its intrinsics and of its ``voxel_to_camera`` is 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -33,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from occscene_pl.data.base import OccupancyDataModule, OccupancyDataset, RawSample
 from occscene_pl.data.transforms import CameraImage, crop_view
+from occscene_pl.files import atomic_write
 
 __all__ = [
     "CAMERA_NAMES",
@@ -214,15 +212,7 @@ def write_sparse_occupancy(path: str | Path, dense: np.ndarray) -> None:
     labels[labels == IGNORE_INDEX] = NOISE_LABEL
     rows = np.stack([z, y, x, labels], axis=1).astype(np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, rows)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, rows))
 
 
 def load_infos(path: str | Path, cameras: Sequence[str] = CAMERA_NAMES) -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from occscene_pl.data.base import OccupancyDataModule, OccupancyDataset, RawSample
+from occscene_pl.files import atomic_write
 
 __all__ = [
     "NYUV2_CLASSES",
@@ -88,19 +88,6 @@ _SEG_LUT = np.zeros(256, dtype=np.uint8)
 _SEG_VALID = np.zeros(256, dtype=bool)
 for _src, _dst in SEG_CLASS_MAP.items():
     _SEG_LUT[_src], _SEG_VALID[_src] = _dst, True
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_sscnet_bin(
@@ -186,7 +173,8 @@ def write_sscnet_bin(path: str | Path, origin: np.ndarray, cam_pose: np.ndarray,
     pairs[:, 0] = flat[starts]
     pairs[:, 1] = runs
     header = np.concatenate([origin.reshape(-1), cam_pose.reshape(-1)]).astype("<f4")
-    _atomic_write_bytes(path, header.tobytes() + pairs.tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, header.tobytes() + pairs.tobytes())
 
 
 def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
@@ -468,20 +456,13 @@ class NYUv2Dataset(OccupancyDataset):
         self, path: Path, key: np.ndarray, target: np.ndarray, origin: np.ndarray, cam_pose: np.ndarray
     ) -> None:
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        except OSError as err:
-            warnings.warn(
-                f"NYUv2: cannot write to cache directory {path.parent} ({err}); caching disabled", stacklevel=2
+            atomic_write(
+                path,
+                lambda f: np.savez_compressed(f, key=key, target_1_4=target, voxel_origin=origin, cam_pose=cam_pose),
             )
+        except OSError as err:
+            warnings.warn(f"NYUv2: cannot write the cache file {path} ({err}); caching disabled", stacklevel=2)
             self.cache_dir = None
-            return
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, key=key, target_1_4=target, voxel_origin=origin, cam_pose=cam_pose)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def intrinsics_for(self, width: int, height: int, path: Path | None = None) -> np.ndarray:
         """The pinhole matrix of a ``width`` x ``height`` colour image (``(3, 3)`` float64)."""

@@ -21,8 +21,6 @@ does not list -> 255 "ignore") and invalid voxels become 255.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +30,7 @@ from PIL import Image
 
 from occscene_pl.data.base import IGNORE_INDEX, OccupancyDataModule, OccupancyDataset, RawSample
 from occscene_pl.data.transforms import crop_view
+from occscene_pl.files import atomic_write
 
 __all__ = [
     "LEARNING_MAP",
@@ -336,19 +335,6 @@ def read_voxel_labels(
     return labels
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Write next to the target and rename, so readers never see a partial file; the temp name does not end in
-    # `.bin`, so a concurrent frame glob cannot pick it up.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _frame_name(frame: int | str) -> str:
     text = str(frame)
     if not text.isdigit():
@@ -390,11 +376,11 @@ def write_voxel_frame(
     directory = Path(voxels_dir)
     directory.mkdir(parents=True, exist_ok=True)
     stem = _frame_name(frame)
-    _atomic_write(directory / f"{stem}.label", np.ascontiguousarray(raw, dtype="<u2").tobytes())
+    atomic_write(directory / f"{stem}.label", np.ascontiguousarray(raw, dtype="<u2").tobytes())
     for name in ("invalid", "occluded", "bin"):
         mask = masks[name]
         bits = np.zeros(raw.shape, dtype=bool) if mask is None else np.asarray(mask)
-        _atomic_write(directory / f"{stem}.{name}", pack_bits(bits).tobytes())
+        atomic_write(directory / f"{stem}.{name}", pack_bits(bits).tobytes())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +459,7 @@ def write_calib(path: str | Path, P2: np.ndarray, Tr: np.ndarray) -> None:
     text = "".join(f"{key}: " + " ".join(f"{v:.12e}" for v in m.reshape(-1)) + "\n" for key, m in matrices.items())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, text.encode("utf-8"))
+    atomic_write(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GenerationWriter: files, contents, atomicity, resume/overwrite, naming, errors, SemanticKITTI export round trip."""
+"""GenerationWriter: files, contents, atomicity, resume/overwrite, naming, errors, native export round trips."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 
 import occscene_pl
 from occscene_pl import writer
+from occscene_pl.data.nuscenes_occupancy import CAMERA_NAMES, POINT_CLOUD_RANGE, NuScenesOccupancyDataset
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset
 from occscene_pl.files import atomic_write
-from occscene_pl.native_export import SemanticKittiExporter
+from occscene_pl.native_export import NuScenesOccupancyExporter, SemanticKittiExporter
 from occscene_pl.writer import GenerationWriter, check_frame_id
 from tests.fakes.semantic_kitti import KITTI_00_P2, KITTI_00_TR
 
@@ -372,6 +373,106 @@ def test_semantic_kitti_rejects_unfit_samples(tmp_path: Path, change: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# nuScenes-Occupancy export
+# ---------------------------------------------------------------------------------------------------------------
+
+NU_GRID = (64, 64, 5)  # the OpenOccupancy range at 1.6 m voxels
+NU_ORIGIN = tuple(POINT_CLOUD_RANGE[:3])
+
+
+def make_surround_sample(frame_id: str, seed: int = 0, origin: tuple[float, ...] = NU_ORIGIN) -> dict[str, Any]:
+    """Six views with distinct rigid lidar->camera transforms, nuScenes train ids 0..16 and 255."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 17, NU_GRID, generator=g, dtype=torch.uint8)
+    labels[torch.rand(NU_GRID, generator=g) < 0.5] = 0
+    labels[torch.rand(NU_GRID, generator=g) < 0.1] = 255
+    rng = np.random.default_rng(seed)
+    transforms = []
+    for _ in CAMERA_NAMES:
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        q = q * np.sign(np.diag(r))
+        if np.linalg.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        t = np.eye(4)
+        t[:3, :3], t[:3, 3] = q, rng.normal(size=3)
+        transforms.append(t)
+    k = torch.tensor([[30.0, 0.0, WIDTH / 2], [0.0, 30.0, HEIGHT / 2], [0.0, 0.0, 1.0]])
+    return make_sample(frame_id, views=len(CAMERA_NAMES), seed=seed) | {
+        "occupancy": labels,
+        "intrinsics": (k * torch.linspace(1.0, 1.5, len(CAMERA_NAMES))[:, None, None]).clamp(max=1e4),
+        "voxel_to_camera": torch.tensor(np.stack(transforms), dtype=torch.float32),
+        "voxel_origin": torch.tensor(origin),
+    }
+
+
+def test_nuscenes_occupancy_round_trip(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, export=["nuscenes_occupancy"])
+    samples = [make_surround_sample(f"prompt{i:05d}_sample00", seed=i) for i in range(3)]
+    write(w, trainer, samples)
+    root = tmp_path / "predictions" / "nuscenes_occupancy"
+    assert not (root / "nuscenes" / "nuscenes_occ_infos_val.pkl").exists()  # gathered when predict ends
+    w.on_predict_end(trainer, None)  # type: ignore[arg-type]
+    dataset = NuScenesOccupancyDataset(root / "nuscenes", split="val", grid_size=NU_GRID, crop_box=None)
+    items = {dataset[i]["frame_id"]: dataset[i] for i in range(len(dataset))}
+    assert len(items) == 3
+    for sample in samples:
+        meta = json.loads((tmp_path / "predictions" / sample["frame_id"] / "meta.json").read_text())
+        export = meta["exports"]["nuscenes_occupancy"]
+        assert export["token"] == NuScenesOccupancyExporter.token(sample["frame_id"]) and export["split"] == "val"
+        assert len(export["files"]) == 8 and all((tmp_path / "predictions" / f).is_file() for f in export["files"])
+        item = items[export["token"]]
+        np.testing.assert_array_equal(item["occupancy"].numpy(), sample["occupancy"].numpy())
+        np.testing.assert_allclose(item["image"], sample["images"], atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(item["intrinsics"], sample["intrinsics"], rtol=1e-6)
+        np.testing.assert_allclose(item["voxel_to_camera"], sample["voxel_to_camera"], rtol=1e-5, atol=1e-5)
+        assert float(item["voxel_size"]) == pytest.approx(1.6)
+    # Re-writing a frame keeps one info per frame_id.
+    again, _ = ready(tmp_path, export=["nuscenes_occupancy"], overwrite=True)
+    write(again, trainer, samples[:1])
+    again.finalize()
+    assert len(NuScenesOccupancyDataset(root / "nuscenes", split="val", grid_size=NU_GRID, crop_box=None)) == 3
+    assert leftovers(tmp_path) == []
+
+
+def test_nuscenes_occupancy_other_origin(tmp_path: Path) -> None:
+    w, trainer = ready(tmp_path, export=["nuscenes_occupancy"])
+    shifted_origin = (-49.6, -51.2, -3.4)
+    sample = make_surround_sample("shifted", origin=shifted_origin)
+    write(w, trainer, [sample])
+    w.finalize()
+    root = tmp_path / "predictions" / "nuscenes_occupancy" / "nuscenes"
+    item = NuScenesOccupancyDataset(root, split="val", grid_size=NU_GRID, crop_box=None)[0]
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in NU_GRID], indexing="ij"), -1).reshape(-1, 3) + 0.5
+    ones = np.ones((len(index), 1))
+    for view in range(len(CAMERA_NAMES)):
+        ours = sample["voxel_to_camera"][view].double().numpy()
+        theirs = item["voxel_to_camera"][view].double().numpy()
+        sample_points = np.c_[index * 1.6 + np.array(shifted_origin), ones]
+        reader_points = np.c_[index * 1.6 + np.array(NU_ORIGIN), ones]
+        np.testing.assert_allclose(reader_points @ theirs.T, sample_points @ ours.T, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"views": 1}, "6 cameras"),
+        ({"occupancy": torch.zeros(64, 64, 8, dtype=torch.uint8)}, "cubic voxels"),
+        ({"voxel_size": 0.2}, "cubic voxels"),
+        ({"occupancy": torch.full(NU_GRID, 17, dtype=torch.uint8)}, "not a nuScenes-Occupancy train id"),
+    ],
+)
+def test_nuscenes_occupancy_rejects_unfit_samples(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    w, trainer = ready(tmp_path, export=["nuscenes_occupancy"])
+    views = change.pop("views", len(CAMERA_NAMES))
+    sample = make_surround_sample("unfit") | change
+    if views != len(CAMERA_NAMES):
+        sample = make_sample("unfit") | {"occupancy": sample["occupancy"]}
+    with pytest.raises(ValueError, match=f"'unfit'.*{message}"):
+        write(w, trainer, [sample])
+    assert not (tmp_path / "predictions" / "unfit").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Inside a real Trainer
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -379,9 +480,10 @@ def test_semantic_kitti_rejects_unfit_samples(tmp_path: Path, change: dict[str, 
 class TinyGenerator(pl.LightningModule):
     """predict_step of the contract; it asks the writer which samples to skip, as module.py will."""
 
-    def __init__(self) -> None:
+    def __init__(self, surround: bool = False) -> None:
         super().__init__()
         self.generated: list[str] = []
+        self.surround = surround
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
         writer_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, GenerationWriter))  # type: ignore[attr-defined]
@@ -392,7 +494,9 @@ class TinyGenerator(pl.LightningModule):
                 samples.append({"frame_id": frame_id})
                 continue
             self.generated.append(frame_id)
-            samples.append(make_sample(frame_id, seed=index))
+            samples.append(
+                make_surround_sample(frame_id, index) if self.surround else make_sample(frame_id, seed=index)
+            )
         return samples
 
 
@@ -412,6 +516,19 @@ def test_inside_lightning_trainer(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == model.generated
     model, w = run()
     assert model.generated == [] and (w.written, w.skipped) == (0, 3)
+
+
+def test_nuscenes_info_file_is_built_when_predict_ends(tmp_path: Path) -> None:
+    w = GenerationWriter(progress=False, export=["nuscenes_occupancy"])
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+        callbacks=[w], enable_model_summary=False, enable_progress_bar=False,
+    )  # fmt: skip
+    trainer.predict(TinyGenerator(surround=True), DataLoader(torch.arange(3), batch_size=2), return_predictions=False)
+    root = tmp_path / "predictions" / "nuscenes_occupancy" / "nuscenes"
+    dataset = NuScenesOccupancyDataset(root, split="val", grid_size=NU_GRID, crop_box=None)
+    tokens = {NuScenesOccupancyExporter.token(f"prompt{i:05d}_sample00") for i in range(3)}
+    assert {info["token"] for info in dataset.infos} == tokens
 
 
 def test_class_names_taken_from_the_module(tmp_path: Path) -> None:

@@ -35,12 +35,16 @@ from tqdm import tqdm
 
 import occscene_pl
 from occscene_pl.files import atomic_write
-from occscene_pl.native_export import SemanticKittiExporter, png_bytes
+from occscene_pl.native_export import NuScenesOccupancyExporter, SemanticKittiExporter, png_bytes
 from occscene_pl.render import palette, render_occupancy_figure
 
 __all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]
 
-SUPPORTED_EXPORTS: tuple[str, ...] = ("semantic_kitti",)
+SUPPORTED_EXPORTS: tuple[str, ...] = ("semantic_kitti", "nuscenes_occupancy")
+_EXPORTERS: dict[str, type[SemanticKittiExporter] | type[NuScenesOccupancyExporter]] = {
+    "semantic_kitti": SemanticKittiExporter,
+    "nuscenes_occupancy": NuScenesOccupancyExporter,
+}
 META_FILE = "meta.json"
 _MODES = ("text", "layout")
 _REQUIRED_KEYS = (
@@ -61,7 +65,7 @@ def check_frame_id(frame_id: Any) -> str:
     """Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
 
     Rejected: non-strings, empty ids, path separators (``/``, ``\\``), NUL, ids starting with ``.`` (``.``, ``..``
-    and hidden temporary files), and the export folder names (``semantic_kitti``).
+    and hidden temporary files), and the export folder names (``semantic_kitti``, ``nuscenes_occupancy``).
     """
     if not isinstance(frame_id, str):
         raise ValueError(f"frame_id must be a string, got {type(frame_id).__name__} {frame_id!r}")
@@ -116,8 +120,9 @@ class GenerationWriter(BasePredictionWriter):
         output_dir: where sample folders go; ``None`` means ``<trainer.default_root_dir>/predictions``.
         save_probabilities: also store the perceiver's ``probabilities`` (float16) in ``occupancy.npz``.
         render: write ``occupancy.png``.
-        export: native dataset layouts to also write, from ``["semantic_kitti"]``
-            (:mod:`occscene_pl.native_export`), under ``<output_dir>/<name>/``.
+        export: native dataset layouts to also write, from ``["semantic_kitti", "nuscenes_occupancy"]``
+            (:mod:`occscene_pl.native_export`), under ``<output_dir>/<name>/``. ``nuscenes_occupancy`` builds its
+            info pickle when predict ends.
         overwrite: re-write samples that are already complete.
         class_names: class names, index = train id; sets the picture palette (``palette(len(class_names))``) and is
             stored in ``meta.json`` and ``occupancy.npz``. ``None`` takes the module's ``class_names`` at setup (the
@@ -153,7 +158,7 @@ class GenerationWriter(BasePredictionWriter):
         self.skipped = 0
         self._root: Path | None = Path(output_dir).expanduser() if output_dir is not None else None
         self._bar: Any = None
-        self._exporters: dict[str, SemanticKittiExporter] = {}
+        self._exporters: dict[str, SemanticKittiExporter | NuScenesOccupancyExporter] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Locations and completion
@@ -222,6 +227,18 @@ class GenerationWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_bar()
+        if not self.export:
+            return
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None:
+            strategy.barrier("GenerationWriter.finalize")  # every rank's samples are on disk
+        if trainer.is_global_zero:
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Complete the exports that gather all samples (``nuscenes_occupancy``'s info pickle); run once, rank 0."""
+        for name in self.export:
+            self._exporter(name).finalize()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_bar()
@@ -319,14 +336,9 @@ class GenerationWriter(BasePredictionWriter):
             put("occupancy.png", png_bytes(self._figure(s)))
         exports: dict[str, Any] = {}
         for name, frame in prepared.items():
-            written = self._exporters[name].write(frame)
-            stem = written[1].stem
-            exports[name] = {
-                "sequence": written[1].parent.parent.name,
-                "stem": stem,
-                "crop_size": [int(views.shape[2]), int(views.shape[1])],  # the reader's crop_size=(W, H)
-                "files": [path.relative_to(self.root).as_posix() for path in written],
-            }
+            record = self._exporters[name].write(frame)  # type: ignore[arg-type]
+            record["files"] = [path.relative_to(self.root).as_posix() for path in record["files"]]
+            exports[name] = record
         ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         meta = {
             "frame_id": frame_id,
@@ -348,9 +360,9 @@ class GenerationWriter(BasePredictionWriter):
         atomic_write(directory / META_FILE, text)
         return directory
 
-    def _exporter(self, name: str) -> SemanticKittiExporter:
+    def _exporter(self, name: str) -> SemanticKittiExporter | NuScenesOccupancyExporter:
         if name not in self._exporters:
-            self._exporters[name] = SemanticKittiExporter(self.root / name)
+            self._exporters[name] = _EXPORTERS[name](self.root / name)
         return self._exporters[name]
 
     def _check_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:

@@ -318,7 +318,7 @@ class NuScenesOccupancyExporter:
 
     @staticmethod
     def token(frame_id: str, kind: str = "sample") -> str:
-        """The 32-hex-digit nuScenes-style token of ``frame_id`` for ``kind`` (``sample``, ``lidar`` or ``scene``)."""
+        """A 32-hex-digit nuScenes-style token of ``frame_id`` for ``kind`` (sample, scene, lidar, a camera)."""
         return hashlib.sha256(f"{kind}/{frame_id}".encode()).hexdigest()[:32]
 
     def prepare(

@@ -396,10 +396,11 @@ def make_surround_sample(frame_id: str, seed: int = 0, origin: tuple[float, ...]
         t = np.eye(4)
         t[:3, :3], t[:3, 3] = q, rng.normal(size=3)
         transforms.append(t)
-    k = torch.tensor([[30.0, 0.0, WIDTH / 2], [0.0, 30.0, HEIGHT / 2], [0.0, 0.0, 1.0]])
+    k = torch.tensor([[30.0, 0.0, WIDTH / 2], [0.0, 30.0, HEIGHT / 2], [0.0, 0.0, 1.0]]).repeat(len(CAMERA_NAMES), 1, 1)
+    k[:, :2, :2] *= torch.linspace(1.0, 1.5, len(CAMERA_NAMES))[:, None, None]  # a different focal length per view
     return make_sample(frame_id, views=len(CAMERA_NAMES), seed=seed) | {
         "occupancy": labels,
-        "intrinsics": (k * torch.linspace(1.0, 1.5, len(CAMERA_NAMES))[:, None, None]).clamp(max=1e4),
+        "intrinsics": k,
         "voxel_to_camera": torch.tensor(np.stack(transforms), dtype=torch.float32),
         "voxel_origin": torch.tensor(origin),
     }

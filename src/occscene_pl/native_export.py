@@ -56,7 +56,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -77,7 +77,14 @@ from occscene_pl.data.semantic_kitti import (
 )
 from occscene_pl.files import atomic_write
 
-__all__ = ["NuScenesOccupancyExporter", "SemanticKittiExporter", "create_exclusive", "png_bytes", "rebased_transform"]
+__all__ = [
+    "NativeExporter",
+    "NuScenesOccupancyExporter",
+    "SemanticKittiExporter",
+    "create_exclusive",
+    "png_bytes",
+    "rebased_transform",
+]
 
 _NUM_STEMS = 10**6
 _VOXEL_SUFFIXES = ("bin", "label", "invalid", "occluded")  # .bin first: it enumerates frames
@@ -107,6 +114,27 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class NativeExporter(Protocol):
+    """What the prediction writer needs of an exporter: check and convert, write one frame, gather at the end."""
+
+    name: str
+
+    def prepare(
+        self,
+        frame_id: str,
+        labels: np.ndarray,
+        image: np.ndarray,
+        intrinsics: np.ndarray,
+        voxel_to_camera: np.ndarray,
+        voxel_origin: np.ndarray,
+        voxel_size: float,
+    ) -> Any: ...
+
+    def write(self, frame: Any) -> dict[str, Any]: ...
+
+    def finalize(self) -> object: ...
 
 
 def rebased_transform(voxel_to_camera: np.ndarray, voxel_origin: Any, reader_origin: Any, what: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -35,16 +35,15 @@ from tqdm import tqdm
 
 import occscene_pl
 from occscene_pl.files import atomic_write
-from occscene_pl.native_export import NuScenesOccupancyExporter, SemanticKittiExporter, png_bytes
+from occscene_pl.native_export import NativeExporter, NuScenesOccupancyExporter, SemanticKittiExporter, png_bytes
 from occscene_pl.render import palette, render_occupancy_figure
 
 __all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]
 
-SUPPORTED_EXPORTS: tuple[str, ...] = ("semantic_kitti", "nuscenes_occupancy")
-_EXPORTERS: dict[str, type[SemanticKittiExporter] | type[NuScenesOccupancyExporter]] = {
-    "semantic_kitti": SemanticKittiExporter,
-    "nuscenes_occupancy": NuScenesOccupancyExporter,
+_EXPORTERS: dict[str, Callable[[Path], NativeExporter]] = {
+    exporter.name: exporter for exporter in (SemanticKittiExporter, NuScenesOccupancyExporter)
 }
+SUPPORTED_EXPORTS: tuple[str, ...] = tuple(_EXPORTERS)
 META_FILE = "meta.json"
 _MODES = ("text", "layout")
 _REQUIRED_KEYS = (
@@ -158,7 +157,7 @@ class GenerationWriter(BasePredictionWriter):
         self.skipped = 0
         self._root: Path | None = Path(output_dir).expanduser() if output_dir is not None else None
         self._bar: Any = None
-        self._exporters: dict[str, SemanticKittiExporter | NuScenesOccupancyExporter] = {}
+        self._exporters: dict[str, NativeExporter] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Locations and completion
@@ -336,7 +335,7 @@ class GenerationWriter(BasePredictionWriter):
             put("occupancy.png", png_bytes(self._figure(s)))
         exports: dict[str, Any] = {}
         for name, frame in prepared.items():
-            record = self._exporters[name].write(frame)  # type: ignore[arg-type]
+            record = self._exporters[name].write(frame)
             record["files"] = [path.relative_to(self.root).as_posix() for path in record["files"]]
             exports[name] = record
         ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
@@ -360,7 +359,7 @@ class GenerationWriter(BasePredictionWriter):
         atomic_write(directory / META_FILE, text)
         return directory
 
-    def _exporter(self, name: str) -> SemanticKittiExporter | NuScenesOccupancyExporter:
+    def _exporter(self, name: str) -> NativeExporter:
         if name not in self._exporters:
             self._exporters[name] = _EXPORTERS[name](self.root / name)
         return self._exporters[name]

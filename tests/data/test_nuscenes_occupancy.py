@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from occscene_pl.data.base import SAMPLE_KEYS, collate_samples
+from occscene_pl.data.base import OPTIONAL_SAMPLE_KEYS, SAMPLE_KEYS, collate_samples
 from occscene_pl.data.nuscenes_occupancy import (
     CAMERA_NAMES,
     NUSCENES_OCCUPANCY_CLASSES,
@@ -400,8 +400,9 @@ def test_datamodule_batch(fake: dict[str, Any]) -> None:
     module.setup("fit")
     assert len(module.datasets["train"]) == 4 and len(module.datasets["val"]) == 2
     batch = next(iter(module.train_dataloader()))
-    assert set(batch) == set(SAMPLE_KEYS)
+    assert set(batch) == set(SAMPLE_KEYS) | set(OPTIONAL_SAMPLE_KEYS)  # default colour jitter 0.4 in training
     assert batch["image"].shape == (2, 6, 3, 32, 64) and batch["image"].dtype == torch.float32
+    assert batch["perceiver_image"].shape == (2, 6, 3, 32, 64) and batch["perceiver_image"].dtype == torch.float32
     assert batch["occupancy"].shape == (2, *GRID) and batch["occupancy"].dtype == torch.uint8
     assert batch["intrinsics"].shape == (2, 6, 3, 3) and batch["intrinsics"].dtype == torch.float32
     assert batch["voxel_to_camera"].shape == (2, 6, 4, 4) and batch["voxel_to_camera"].dtype == torch.float32
@@ -409,6 +410,7 @@ def test_datamodule_batch(fake: dict[str, Any]) -> None:
     assert isinstance(batch["prompt"], list) and len(batch["prompt"]) == 2
     assert isinstance(batch["frame_id"], list) and len(batch["frame_id"]) == 2
     val_batch = next(iter(module.val_dataloader()))
+    assert set(val_batch) == set(SAMPLE_KEYS)  # no jitter in validation, hence no perceiver copy
     expected = collate_samples([module.datasets["val"][0], module.datasets["val"][1]])
     for key in SAMPLE_KEYS:
         value = val_batch[key]

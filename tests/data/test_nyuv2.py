@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from occscene_pl.data import nyuv2
-from occscene_pl.data.base import SAMPLE_KEYS
+from occscene_pl.data.base import OPTIONAL_SAMPLE_KEYS, SAMPLE_KEYS
 from occscene_pl.data.nyuv2 import (
     NYU_INTRINSICS,
     NYUV2_CLASS_WEIGHTS,
@@ -673,14 +673,16 @@ def test_datamodule_batches(small: dict[str, Any]) -> None:
     module.setup("fit")
     assert len(module.datasets["train"]) == 3 and len(module.datasets["val"]) == 2
     batch = next(iter(module.train_dataloader()))
-    assert set(batch) == set(SAMPLE_KEYS)
+    assert set(batch) == set(SAMPLE_KEYS) | set(OPTIONAL_SAMPLE_KEYS)
     assert batch["image"].shape == (2, 1, 3, 48, 64) and batch["image"].dtype == torch.float32
+    assert batch["perceiver_image"].shape == batch["image"].shape
     assert batch["occupancy"].shape == (2, 8, 8, 4) and batch["occupancy"].dtype == torch.uint8
     assert batch["intrinsics"].shape == (2, 1, 3, 3) and batch["voxel_to_camera"].shape == (2, 1, 4, 4)
     assert batch["voxel_origin"].shape == (2, 3) and batch["voxel_size"].shape == (2,)
     assert all(isinstance(p, str) and p.startswith("an indoor room") for p in batch["prompt"])
     assert len(batch["frame_id"]) == 2
     val = next(iter(module.val_dataloader()))
+    assert set(val) == set(SAMPLE_KEYS)  # no jitter in validation, hence no perceiver copy
     assert val["frame_id"] == [s["name"] for s in small["scenes"]["test"]]
     module.setup("test")
     assert len(module.datasets["test"]) == 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from occscene_pl.data.base import SAMPLE_KEYS
+from occscene_pl.data.base import OPTIONAL_SAMPLE_KEYS, SAMPLE_KEYS
 from occscene_pl.data.semantic_kitti import (
     LEARNING_MAP,
     LEARNING_MAP_INV,
@@ -511,8 +511,10 @@ def test_datamodule_train_batch(kitti: dict[str, Any]) -> None:
     assert datamodule.datasets["train"].transform.flip_prob == 0.5
     assert datamodule.datasets["val"].transform.flip_prob == 0.0
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == set(SAMPLE_KEYS)
+    assert set(batch) == set(SAMPLE_KEYS) | set(OPTIONAL_SAMPLE_KEYS)  # default colour jitter 0.4 in training
     assert batch["image"].shape == (2, 1, 3, 32, 96) and batch["image"].dtype == torch.float32
+    assert batch["perceiver_image"].shape == batch["image"].shape
+    assert set(datamodule.datasets["val"][0]) == set(SAMPLE_KEYS)
     assert batch["occupancy"].shape == (2, *SMALL_GRID) and batch["occupancy"].dtype == torch.uint8
     assert batch["intrinsics"].shape == (2, 1, 3, 3) and batch["intrinsics"].dtype == torch.float32
     assert batch["voxel_to_camera"].shape == (2, 1, 4, 4) and batch["voxel_to_camera"].dtype == torch.float32

@@ -14,6 +14,14 @@ key                shape / type             meaning
 ``prompt``         ``str``                  from a captions file if given, else templated from the scene's classes
 ``frame_id``       ``str``                  stable id used to name outputs (no path separators)
 ================== ======================== =========================================================================
+
+``image`` carries geometric augmentation only (flips, mirrored in the cameras): it is the generator's diffusion target.
+When colour jitter is on (training, ``color_jitter > 0``) a sample also has the optional key
+
+===================== ======================== ======================================================================
+``perceiver_image``   ``(V, 3, H, W)`` float32 ``image`` with one colour-jitter draw shared by all V views: the
+                                               perceiver's real-image input (models fall back to ``image`` without it)
+===================== ======================== ======================================================================
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ from torch.utils.data._utils.collate import default_collate
 from occscene_pl.data.prompts import PromptDataset, describe_scene, load_captions
 from occscene_pl.data.transforms import CameraImage, ImageTransform
 
-__all__ = ["OccupancyDataModule", "OccupancyDataset", "RawSample", "SAMPLE_KEYS", "collate_samples"]
+__all__ = [
+    "OPTIONAL_SAMPLE_KEYS",
+    "OccupancyDataModule",
+    "OccupancyDataset",
+    "RawSample",
+    "SAMPLE_KEYS",
+    "collate_samples",
+]
 
 SAMPLE_KEYS = (
     "image",
@@ -45,6 +60,9 @@ SAMPLE_KEYS = (
     "prompt",
     "frame_id",
 )
+"""Keys every sample has."""
+OPTIONAL_SAMPLE_KEYS = ("perceiver_image",)
+"""Keys a sample may add: ``perceiver_image`` when colour jitter is on."""
 IGNORE_INDEX = 255
 
 
@@ -74,7 +92,8 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
 
     Args:
         image_size: ``(H, W)`` of the returned images; ``None`` keeps the dataset's native (cropped) size.
-        color_jitter: colour jitter strength (training augmentation; 0 disables it).
+        color_jitter: colour jitter strength (training augmentation; 0 disables it). It is applied to the extra
+            ``perceiver_image`` only, one draw per sample shared by its views; ``image`` stays un-jittered.
         flip_prob: probability of a horizontal flip of image and projection (training augmentation).
         captions: optional captions file (JSON ``{frame_id: caption}``); it must cover every frame it is used for.
     """
@@ -126,7 +145,7 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         raw = self.load(index)
-        image, intrinsics, voxel_to_camera = self.transform(raw.views)
+        image, intrinsics, voxel_to_camera, perceiver_image = self.transform(raw.views)
         if raw.occupancy is None:
             occupancy = torch.full(self.grid_size, IGNORE_INDEX, dtype=torch.uint8)
         else:
@@ -136,7 +155,7 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
                 f"{type(self).__name__}: frame {raw.frame_id} has occupancy of shape {tuple(occupancy.shape)}, "
                 f"expected grid_size {tuple(self.grid_size)}"
             )
-        return {
+        sample: dict[str, Any] = {
             "image": image,
             "occupancy": occupancy,
             "intrinsics": intrinsics,
@@ -146,6 +165,9 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
             "prompt": self.prompt_for(raw.frame_id, raw.occupancy),
             "frame_id": raw.frame_id,
         }
+        if perceiver_image is not None:
+            sample["perceiver_image"] = perceiver_image
+        return sample
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
@@ -179,7 +201,8 @@ class OccupancyDataModule(pl.LightningDataModule):
         num_workers: data-loading worker processes.
         pin_memory: pin host memory for faster transfer to GPUs.
         image_size: ``(H, W)`` of the images fed to the model; ``None`` keeps the native size.
-        color_jitter: training colour jitter strength.
+        color_jitter: training colour jitter strength, applied to the perceiver's ``perceiver_image`` only (one draw
+            per sample); the generator's ``image`` is never jittered.
         flip_prob: training horizontal-flip probability.
         captions: optional captions file for training/evaluation prompts.
         train_split: split used by ``fit``.

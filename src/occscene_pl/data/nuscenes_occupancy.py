@@ -313,7 +313,8 @@ class NuScenesOccupancyDataset(OccupancyDataset):
         crop_box: ``(left, top, right, bottom)`` crop of every image; OpenOccupancy's test crop of 1600 x 900 drops
             the top 4 rows. ``None`` keeps the whole image.
         image_size: ``(H, W)`` of the returned images; ``None`` keeps the cropped size (896 x 1600).
-        color_jitter: colour jitter strength (training augmentation).
+        color_jitter: colour jitter strength (training augmentation of ``perceiver_image`` only: one draw per
+            sample, shared by the six views).
         flip_prob: probability of a horizontal flip of all views (training augmentation).
         captions: optional captions file ``{frame_id: caption}``.
     """

@@ -257,7 +257,7 @@ class NYUv2Dataset(OccupancyDataset):
         cache_dir: where decoded targets are cached as ``<cache_dir>/<split>/<name>.npz``; ``None`` uses
             ``<root>/.occscene_cache/nyuv2``. Caching is skipped (with a warning) when it cannot be written.
         image_size: ``(H, W)`` of the returned images; ``None`` keeps 480 x 640.
-        color_jitter: training colour jitter strength.
+        color_jitter: training colour jitter strength (of ``perceiver_image`` only; ``image`` stays un-jittered).
         flip_prob: training horizontal-flip probability.
         captions: optional captions file ``{frame_id: caption}``.
 

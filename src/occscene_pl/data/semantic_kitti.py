@@ -486,7 +486,7 @@ class SemanticKittiDataset(OccupancyDataset):
         preprocess_root: read labels from MonoScene's ``<preprocess_root>/labels/SS/NNNNNN_1_1.npy`` instead of
             ``voxels/*.label`` + ``.invalid``.
         image_size: ``(H, W)`` of the returned images; ``None`` keeps the crop.
-        color_jitter: colour jitter strength.
+        color_jitter: colour jitter strength (of ``perceiver_image`` only; ``image`` stays un-jittered).
         flip_prob: horizontal flip probability.
         captions: optional captions file.
     """

@@ -4,6 +4,10 @@ Every geometric change to an image (crop, resize, horizontal flip) is mirrored i
 flip, in ``voxel_to_camera``, so that projecting a voxel with the returned camera lands on the same content as
 before. The 3D target is never touched (MonoScene flips only the image and the projection; datasets.md §1.7).
 
+Colour jitter is not geometric and is kept out of the image the generator learns to produce: :class:`ImageTransform`
+returns the un-jittered views as ``images`` and, when jitter is on, a second copy ``perceiver_images`` with one colour
+jitter draw applied identically to every view of the sample (the perceiver's real-image input).
+
 Pixel convention: pixel centres sit at integer coordinates, so a crop shifts the principal point by the crop offset,
 a resize by a factor ``s`` maps ``c -> (c + 0.5) * s - 0.5`` and a flip of a ``W``-wide image maps ``u -> W - 1 - u``.
 """
@@ -11,14 +15,24 @@ a resize by a factor ``s`` maps ``c -> (c + 0.5) * s - 0.5`` and a flip of a ``W
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import ColorJitter
 
-__all__ = ["CameraImage", "ImageTransform", "crop_view", "flip_view", "resize_view"]
+__all__ = [
+    "CameraImage",
+    "ImageTransform",
+    "TransformedViews",
+    "apply_color_jitter",
+    "crop_view",
+    "flip_view",
+    "resize_view",
+]
 
 # (image, intrinsics (3, 3), voxel_to_camera (4, 4)) of one view.
 CameraImage = tuple[Image.Image, np.ndarray, np.ndarray]
@@ -67,12 +81,59 @@ def flip_view(image: Tensor, intrinsics: Tensor, voxel_to_camera: Tensor) -> tup
     return image.flip(-1), k, mirror @ voxel_to_camera
 
 
+ColorJitterParams = tuple[Tensor, float | None, float | None, float | None, float | None]
+"""``(order, brightness, contrast, saturation, hue)`` as returned by ``ColorJitter.get_params``."""
+
+
+def apply_color_jitter(images: Tensor, params: ColorJitterParams) -> Tensor:
+    """Apply one colour-jitter draw to images, in the draw's order, as ``torchvision``'s ``ColorJitter`` does.
+
+    Every leading index (view) gets the same factors; contrast blends each image with its own mean grey level, as
+    jittering the views one by one with these factors would.
+
+    Args:
+        images: ``(..., 3, H, W)`` float in ``[0, 1]``.
+        params: a draw of ``ColorJitter.get_params``.
+
+    Returns:
+        The jittered images, same shape, clamped to ``[0, 1]``.
+    """
+    order, brightness, contrast, saturation, hue = params
+    for fn_id in order.tolist():
+        if fn_id == 0 and brightness is not None:
+            images = TF.adjust_brightness(images, brightness)
+        elif fn_id == 1 and contrast is not None:
+            images = TF.adjust_contrast(images, contrast)
+        elif fn_id == 2 and saturation is not None:
+            images = TF.adjust_saturation(images, saturation)
+        elif fn_id == 3 and hue is not None:
+            images = TF.adjust_hue(images, hue)
+    return images
+
+
+class TransformedViews(NamedTuple):
+    """The views of one sample after :class:`ImageTransform`.
+
+    Attributes:
+        images: ``(V, 3, H, W)`` float32 in ``[0, 1]``, geometric augmentation only (the diffusion target).
+        intrinsics: ``(V, 3, 3)`` float32 at the returned size.
+        voxel_to_camera: ``(V, 4, 4)`` float32 (mirrored when flipped).
+        perceiver_images: ``images`` with one colour-jitter draw shared by all views, or ``None`` without jitter.
+    """
+
+    images: Tensor
+    intrinsics: Tensor
+    voxel_to_camera: Tensor
+    perceiver_images: Tensor | None
+
+
 class ImageTransform:
-    """Resize, colour jitter and flip a multi-view sample consistently.
+    """Resize and flip a multi-view sample consistently; colour-jitter a copy for the perceiver.
 
     Args:
         image_size: ``(H, W)`` of the returned images; ``None`` keeps the (cropped) native size.
-        color_jitter: brightness/contrast/saturation strength (MonoScene uses 0.4 in training); 0 disables it.
+        color_jitter: brightness/contrast/saturation strength (MonoScene uses 0.4 in training); 0 disables it. It only
+            affects ``perceiver_images``: one draw per sample, applied identically to every view.
         flip_prob: probability of mirroring all views of a sample horizontally (MonoScene: 0.5 in training).
 
     Returns images as float32 in ``[0, 1]``; normalisation belongs to the models (the perceiver and the generator
@@ -95,15 +156,14 @@ class ImageTransform:
         self.flip_prob = flip_prob
         self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
 
-    def __call__(self, views: Sequence[CameraImage]) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, views: Sequence[CameraImage]) -> TransformedViews:
         """Transform the views of one sample.
 
         Args:
             views: ``V`` tuples ``(image, intrinsics (3, 3), voxel_to_camera (4, 4))``.
 
         Returns:
-            ``images`` ``(V, 3, H, W)`` float32 in ``[0, 1]``, ``intrinsics`` ``(V, 3, 3)`` and ``voxel_to_camera``
-            ``(V, 4, 4)``, both float32.
+            The :class:`TransformedViews`; ``perceiver_images`` is set only when colour jitter is on.
         """
         flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
         images, intrinsics, extrinsics = [], [], []
@@ -111,8 +171,6 @@ class ImageTransform:
             image = image.convert("RGB")
             if self.image_size is not None:
                 image, k = resize_view(image, k, self.image_size)
-            if self.jitter is not None:
-                image = self.jitter(image)
             # (3, H, W) in [0, 1]; from_numpy is several times faster than TF.to_tensor on large PIL images.
             pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
             k_t = torch.as_tensor(np.asarray(k), dtype=torch.float32)
@@ -125,4 +183,11 @@ class ImageTransform:
         shapes = {tuple(img.shape) for img in images}
         if len(shapes) != 1:
             raise ValueError(f"all views of a sample must share one size after the transform, got {sorted(shapes)}")
-        return torch.stack(images), torch.stack(intrinsics), torch.stack(extrinsics)
+        stacked = torch.stack(images)
+        perceiver = None
+        if self.jitter is not None:
+            # One draw for the whole sample (the views of a rig share one exposure), after the flip's draw.
+            j = self.jitter
+            params = ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+            perceiver = apply_color_jitter(stacked, params)
+        return TransformedViews(stacked, torch.stack(intrinsics), torch.stack(extrinsics), perceiver)

@@ -399,3 +399,110 @@ def test_frustum_ids_match_masks_and_give_the_same_loss(seed: int) -> None:
     by_mask = frustum_proportion_loss(logits, target, masks)
     by_id = frustum_proportion_loss(logits, target, ids, num_frustums=64)
     torch.testing.assert_close(by_id, by_mask)
+
+
+# ---------------------------------------------------------------- multi-view frustums (nuScenes: six views)
+
+
+def _two_view_batch(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`_ssc_batch` with a second camera at ``(2.5, -3, 0)`` looking along +y: it sees voxels view 0 does not
+    (near the camera 0 plane, at large ``|y|``) and shares others with it."""
+    output, batch = _ssc_batch(seed)
+    side = torch.eye(4)
+    side[:3, :3] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    side[:3, 3] = torch.tensor([-2.5, 0.0, 3.0])
+    batch["voxel_to_camera"] = torch.stack([batch["voxel_to_camera"][:, 0], side.expand(2, 4, 4)], dim=1)
+    batch["intrinsics"] = batch["intrinsics"].repeat(1, 2, 1, 1)
+    batch["image"] = batch["image"].repeat(1, 2, 1, 1, 1)
+    return output, batch
+
+
+def _projection(batch: dict[str, torch.Tensor]):  # noqa: ANN202
+    return project_voxels(
+        (8, 8, 4), batch["voxel_origin"], batch["voxel_size"], batch["intrinsics"], batch["voxel_to_camera"], (16, 24)
+    )
+
+
+def test_frustum_loss_uses_every_view() -> None:
+    output, batch = _two_view_batch()
+    target = batch["occupancy"].long()
+    fov = _projection(batch).fov_mask.reshape(2, 2, 8, 8, 4)
+    valid = target != IGNORE
+    only_second = fov[:, 1] & ~fov[:, 0] & valid
+    unseen = ~fov[:, 0] & ~fov[:, 1] & valid
+    assert only_second.sum() >= 10 and unseen.any() and (fov[:, 0] & fov[:, 1] & valid).any()
+    weights = SSCLossWeights(ce=0.0, sem_scal=0.0, geo_scal=0.0, relation=0.0)
+    before = ssc_loss(output, batch, weights)["frustum"]
+
+    def changed_at(where: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = output["logits"].clone()
+        logits.movedim(1, -1)[where] = torch.tensor([8.0, -4.0, -4.0, -4.0])  # confidently empty
+        return {**output, "logits": logits}
+
+    # Voxels only the second view sees enter the loss (view 0 alone would ignore them) ...
+    after = ssc_loss(changed_at(only_second), batch, weights)["frustum"]
+    assert abs(after.item() - before.item()) > 1e-3
+    # ... voxels no view sees do not.
+    torch.testing.assert_close(ssc_loss(changed_at(unseen), batch, weights)["frustum"], before)
+    # A single-view batch of the first camera is blind to the second view's voxels.
+    first = {**batch, "intrinsics": batch["intrinsics"][:, :1], "voxel_to_camera": batch["voxel_to_camera"][:, :1]}
+    torch.testing.assert_close(
+        ssc_loss(changed_at(only_second), first, weights)["frustum"], ssc_loss(output, first, weights)["frustum"]
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multi_view_frustum_loss_is_the_mean_over_all_views_frustums(seed: int) -> None:
+    output, batch = _two_view_batch(seed)
+    logits, target = output["logits"], batch["occupancy"].long()
+    projection = _projection(batch)
+    masks = frustum_masks(projection.pixels, projection.depth, (16, 24), (8, 8, 4))  # (B, 2 * 64, X, Y, Z)
+    per_view = [frustum_masks(projection.pixels[:, v], projection.depth[:, v], (16, 24), (8, 8, 4)) for v in range(2)]
+    assert masks.shape == (2, 128, 8, 8, 4) and torch.equal(masks, torch.cat(per_view, dim=1))
+    assert (masks.sum(1) > 1).any()  # overlapping views: some voxels lie in a frustum of each
+    frustum = ssc_loss(output, batch)["frustum"]
+    # MonoScene's loop over the F = 128 frustums of both views
+    torch.testing.assert_close(frustum, reference_frustum_loss(logits, target, masks))
+    torch.testing.assert_close(frustum, frustum_proportion_loss(logits, target, masks, chunk=5))
+    # ... which is the single-view loss of each view, weighted by its number of non-empty frustums
+    valid = target != IGNORE
+    singles, counts = [], []
+    for v in range(2):
+        ids = losses.frustum_ids(projection.pixels[:, v], projection.depth[:, v], (16, 24), (8, 8, 4))
+        singles.append(frustum_proportion_loss(logits, target, ids, num_frustums=64))
+        counts.append((per_view[v] & valid[:, None]).any(dim=(0, 2, 3, 4)).sum().float())
+    assert min(counts) > 0
+    expected = (singles[0] * counts[0] + singles[1] * counts[1]) / (counts[0] + counts[1])
+    torch.testing.assert_close(frustum, expected)
+    assert abs(frustum.item() - singles[0].item()) > 1e-4  # not view 0's loss
+
+
+def test_multi_view_frustum_ids_match_masks() -> None:
+    _, batch = _two_view_batch()
+    projection = _projection(batch)
+    masks = frustum_masks(projection.pixels, projection.depth, (16, 24), (8, 8, 4), frustum_size=4)
+    ids = losses.frustum_ids(projection.pixels, projection.depth, (16, 24), (8, 8, 4), frustum_size=4)
+    assert ids.shape == (2, 2, 8, 8, 4) and ids.dtype == torch.long
+    for v in range(2):
+        view_masks = masks[:, 16 * v : 16 * (v + 1)]
+        expected = torch.where(view_masks.any(1), view_masks.float().argmax(1) + 16 * v, torch.full_like(ids[:, v], -1))
+        assert torch.equal(ids[:, v], expected)
+    logits, target = torch.randn(2, 4, 8, 8, 4), batch["occupancy"].long()
+    torch.testing.assert_close(
+        frustum_proportion_loss(logits, target, ids, num_frustums=32), frustum_proportion_loss(logits, target, masks)
+    )
+
+
+def test_frustum_shape_errors() -> None:
+    logits, target = random_case(0, shape=(2, 4, 4, 4, 2))
+    ids = torch.zeros(2, 3, 4, 4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="frustum ids must be"):
+        frustum_proportion_loss(logits, target, ids[:1], num_frustums=64)
+    with pytest.raises(ValueError, match="num_frustums=8"):
+        frustum_proportion_loss(logits, target, ids + 8, num_frustums=8)
+    with pytest.raises(ValueError, match="num_frustums is required"):
+        frustum_proportion_loss(logits, target, ids)
+    with pytest.raises(ValueError, match="projection_pixels must be"):
+        losses.frustum_ids(torch.zeros(2, 3, 32, 2), torch.ones(2, 32), (8, 8), (4, 4, 2))
+    with pytest.raises(ValueError, match="grid_size"):
+        frustum_masks(torch.zeros(2, 3, 30, 2), torch.ones(2, 3, 30), (8, 8), (4, 4, 2))

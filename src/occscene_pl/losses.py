@@ -157,23 +157,32 @@ def frustum_masks(
     The image is cut into ``frustum_size`` equal row bands x ``frustum_size`` equal column bands (float bounds
     ``i / frustum_size * W``); frustum ``f = row * frustum_size + col`` holds the voxels whose rounded projection
     ``(u, v)`` falls in its cell and whose depth is positive. The ``target != 255`` part of MonoScene's mask is applied
-    by :func:`frustum_proportion_loss`.
+    by :func:`frustum_proportion_loss`. With ``V`` views every view has its own ``frustum_size ** 2`` frustums, view
+    ``v``'s numbered from ``v * frustum_size ** 2`` (a voxel seen by overlapping views lies in a frustum of each).
 
     Args:
-        projection_pixels: ``(B, N, 2)`` ``(u, v)`` of the full-resolution grid in view 0 (``project_voxels(...)
-            .pixels[:, 0]``; rounded half-to-even here, so continuous or already-rounded pixels both work).
-        depth: ``(B, N)`` camera-frame depth.
+        projection_pixels: ``(B, N, 2)`` ``(u, v)`` of the full-resolution grid in one view, or ``(B, V, N, 2)`` in
+            ``V`` views (``project_voxels(...).pixels``; rounded half-to-even here, so continuous or already-rounded
+            pixels both work).
+        depth: ``(B, N)`` or ``(B, V, N)`` camera-frame depth.
         image_size: ``(H, W)`` the pixels refer to.
         grid_size: ``(X, Y, Z)`` with ``X * Y * Z == N``.
-        frustum_size: bands per image axis (MonoScene: 8, i.e. 64 frustums).
+        frustum_size: bands per image axis (MonoScene: 8, i.e. 64 frustums per view).
 
     Returns:
-        ``(B, frustum_size ** 2, X, Y, Z)`` bool.
+        ``(B, V * frustum_size ** 2, X, Y, Z)`` bool (``V = 1`` for single-view inputs).
     """
+    _check_projection(projection_pixels, depth, grid_size)
+    if depth.dim() == 3:
+        return torch.cat(
+            [
+                frustum_masks(pixels, view_depth, image_size, grid_size, frustum_size)
+                for pixels, view_depth in zip(projection_pixels.unbind(1), depth.unbind(1), strict=True)
+            ],
+            dim=1,
+        )
     height, width = image_size
-    batch, n_voxels = depth.shape
-    if n_voxels != math.prod(grid_size):
-        raise ValueError(f"projection has {n_voxels} voxels but grid_size {tuple(grid_size)} needs their product")
+    batch = depth.shape[0]
     pixels = torch.round(projection_pixels).double()  # float64 bounds, like MonoScene's numpy
     fractions = [(i * 1.0 / frustum_size, (i * 1.0 + 1) / frustum_size) for i in range(frustum_size)]
     device = projection_pixels.device
@@ -188,6 +197,19 @@ def frustum_masks(
     return masks.reshape(batch, frustum_size * frustum_size, *grid_size)
 
 
+def _check_projection(projection_pixels: Tensor, depth: Tensor, grid_size: Sequence[int]) -> None:
+    """Raise a ``ValueError`` unless pixels ``(B, [V,] N, 2)`` and depth ``(B, [V,] N)`` agree with the grid."""
+    if depth.dim() not in (2, 3) or tuple(projection_pixels.shape) != (*depth.shape, 2):
+        raise ValueError(
+            f"projection_pixels must be (B, N, 2) or (B, V, N, 2) and depth (B, N) or (B, V, N), got "
+            f"{tuple(projection_pixels.shape)} and {tuple(depth.shape)}"
+        )
+    if depth.shape[-1] != math.prod(grid_size):
+        raise ValueError(
+            f"projection has {depth.shape[-1]} voxels but grid_size {tuple(grid_size)} needs their product"
+        )
+
+
 def frustum_ids(
     projection_pixels: Tensor,
     depth: Tensor,
@@ -195,16 +217,28 @@ def frustum_ids(
     grid_size: Sequence[int],
     frustum_size: int = 8,
 ) -> Tensor:
-    """The frustum of every voxel, :func:`frustum_masks` as indices: the cells partition the image, so a voxel lies
-    in at most one frustum. Same arguments as :func:`frustum_masks`.
+    """The frustum of every voxel in every view, :func:`frustum_masks` as indices: a view's cells partition its image,
+    so a voxel lies in at most one frustum per view. Same arguments as :func:`frustum_masks`.
 
     Returns:
-        ``(B, X, Y, Z)`` long: ``row * frustum_size + col`` of the voxel's frustum, ``-1`` when it is in none.
+        ``(B, X, Y, Z)`` long for single-view inputs, ``(B, V, X, Y, Z)`` for ``(B, V, N, 2)`` pixels: the index of
+        the voxel's frustum in view ``v``, ``v * frustum_size ** 2 + row * frustum_size + col`` (the numbering of
+        :func:`frustum_masks`), ``-1`` when it is in none of that view's frustums.
     """
+    _check_projection(projection_pixels, depth, grid_size)
+    if depth.dim() == 3:
+        batch, n_views, n_voxels = depth.shape
+        ids = frustum_ids(
+            projection_pixels.reshape(batch * n_views, n_voxels, 2),
+            depth.reshape(batch * n_views, n_voxels),
+            image_size,
+            grid_size,
+            frustum_size,
+        ).reshape(batch, n_views, -1)
+        offsets = torch.arange(n_views, device=ids.device)[None, :, None] * frustum_size**2
+        return torch.where(ids >= 0, ids + offsets, ids).reshape(batch, n_views, *grid_size)
     height, width = image_size
-    batch, n_voxels = depth.shape
-    if n_voxels != math.prod(grid_size):
-        raise ValueError(f"projection has {n_voxels} voxels but grid_size {tuple(grid_size)} needs their product")
+    batch = depth.shape[0]
     pixels = torch.round(projection_pixels).double()
     device = projection_pixels.device
     # Band i covers [i / S * size, (i + 1) / S * size): the float64 bounds of frustum_masks, searched instead of
@@ -231,16 +265,18 @@ def frustum_proportion_loss(
     For every frustum ``f``, over the batch: target distribution ``t_f`` = class counts of the non-ignored voxels
     in the frustum / their total; predicted ``q_f`` = summed softmax probabilities over the same voxels / their total;
     ``KL_f = sum_{c: t_fc > 0} t_fc (log t_fc - log q_fc)``. Mean over frustums with a non-zero count and probability
-    mass (0 when there is none, where MonoScene divides by zero).
+    mass (0 when there is none, where MonoScene divides by zero). With several views the frustums of all views are
+    pooled: ``F = V * 64`` and the mean runs over the non-empty frustums of every view.
 
     Args:
         logits: ``(B, C, X, Y, Z)``.
         target: ``(B, X, Y, Z)``.
-        frustum_masks: ``(B, F, X, Y, Z)`` bool (:func:`frustum_masks`), or ``(B, X, Y, Z)`` long frustum ids
-            (:func:`frustum_ids`, much faster) together with ``num_frustums``.
+        frustum_masks: ``(B, F, X, Y, Z)`` bool (:func:`frustum_masks`, frustums may overlap), or integer frustum ids
+            (:func:`frustum_ids`, much faster) together with ``num_frustums``: ``(B, X, Y, Z)`` for one view or
+            ``(B, V, X, Y, Z)`` with one id (or -1) per voxel and view.
         ignore_index: label excluded from the loss.
         chunk: frustums processed at once with masks (bounds memory at full KITTI resolution).
-        num_frustums: ``F`` when ``frustum_masks`` holds ids.
+        num_frustums: ``F`` when ``frustum_masks`` holds ids (all views together).
 
     Returns:
         Scalar.
@@ -255,13 +291,27 @@ def frustum_proportion_loss(
             sums = torch.cat(
                 [torch.einsum("bfn,bkn->fk", part.to(probs.dtype), both) for part in masks.split(chunk, dim=1)], dim=0
             )
-        else:  # frustum ids: one index_add over the voxels instead of F dense masks
+        else:  # frustum ids: one index_add over the voxels per view instead of F dense masks
             if num_frustums is None:
                 raise ValueError("frustum_proportion_loss: num_frustums is required with frustum ids")
-            ids = frustum_masks.reshape(-1)
-            keep = (ids >= 0) & valid.reshape(-1)
-            values = both.permute(0, 2, 1).reshape(-1, 2 * num_classes)[keep].float()
-            sums = values.new_zeros(num_frustums, 2 * num_classes).index_add_(0, ids[keep], values)
+            grid, shape = tuple(logits.shape[2:]), tuple(frustum_masks.shape)
+            if shape[:1] != (batch,) or (shape[1:] != grid and (len(shape) != len(grid) + 2 or shape[2:] != grid)):
+                raise ValueError(
+                    f"frustum ids must be (B, X, Y, Z) or (B, V, X, Y, Z) for logits {tuple(logits.shape)}, "
+                    f"got {tuple(frustum_masks.shape)}"
+                )
+            flat = both.permute(0, 2, 1).reshape(-1, 2 * num_classes)
+            valid_flat = valid.reshape(-1)
+            sums = flat.new_zeros(num_frustums, 2 * num_classes, dtype=torch.float32)
+            for view_ids in frustum_masks.reshape(batch, -1, n_voxels).unbind(1):
+                ids = view_ids.reshape(-1).long()
+                keep = (ids >= 0) & valid_flat
+                selected = ids[keep]
+                if selected.numel() and int(selected.max()) >= num_frustums:
+                    raise ValueError(
+                        f"frustum_proportion_loss: frustum id {int(selected.max())} >= num_frustums={num_frustums}"
+                    )
+                sums.index_add_(0, selected, flat[keep].float())
     cum_prob, counts = sums[:, :num_classes], sums[:, num_classes:]  # (F, C) each
     total_prob, total_count = cum_prob.sum(1, keepdim=True), counts.sum(1, keepdim=True)
     used = (total_prob > 0) & (total_count > 0)  # (F, 1)
@@ -430,22 +480,30 @@ class SSCLossWeights:
                 raise ValueError(f"SSCLossWeights.{field.name} must be >= 0, got {getattr(self, field.name)}")
 
 
-def _batch_frustum_masks(batch: Mapping[str, Any], grid_size: Sequence[int], frustum_size: int) -> Tensor:
-    """Frustum ids ``(B, X, Y, Z)`` of view 0 (:func:`frustum_ids`) from the batch's cameras."""
+def _batch_frustum_ids(batch: Mapping[str, Any], grid_size: Sequence[int], frustum_size: int) -> Tensor:
+    """Frustum ids ``(B, V, X, Y, Z)`` of every view (:func:`frustum_ids`) from the batch's cameras.
+
+    Views are projected one at a time, so the peak memory is that of one view's projection (nuScenes: 6 views of a
+    512 x 512 x 40 grid).
+    """
     missing = [k for k in ("image", "intrinsics", "voxel_to_camera", "voxel_origin", "voxel_size") if k not in batch]
     if missing:
         raise KeyError(f"the frustum loss needs batch keys {missing} (or a precomputed 'frustum_masks')")
-    projection = project_voxels(
-        grid_size,
-        batch["voxel_origin"],
-        batch["voxel_size"],
-        batch["intrinsics"][:, :1],
-        batch["voxel_to_camera"][:, :1],
-        batch["image"].shape[-2:],
-    )
-    return frustum_ids(
-        projection.pixels[:, 0], projection.depth[:, 0], batch["image"].shape[-2:], grid_size, frustum_size
-    )
+    image_size = batch["image"].shape[-2:]
+    n_views = batch["intrinsics"].shape[1]
+    views = []
+    for view in range(n_views):
+        projection = project_voxels(
+            grid_size,
+            batch["voxel_origin"],
+            batch["voxel_size"],
+            batch["intrinsics"][:, view : view + 1],
+            batch["voxel_to_camera"][:, view : view + 1],
+            image_size,
+        )
+        ids = frustum_ids(projection.pixels[:, 0], projection.depth[:, 0], image_size, grid_size, frustum_size)
+        views.append(torch.where(ids >= 0, ids + view * frustum_size**2, ids))
+    return torch.stack(views, dim=1)
 
 
 def _batch_relation_targets(target: Tensor, relation_logits: Tensor, ignore_index: int) -> Tensor:
@@ -475,7 +533,8 @@ def ssc_loss(
         output: the perceiver's output, ``logits (B, C, X, Y, Z)`` and optionally ``relation_logits``.
         batch: collated samples: ``occupancy (B, X, Y, Z)``; for the frustum term either ``frustum_masks
             (B, F, X, Y, Z)`` or the cameras (``image``, ``intrinsics``, ``voxel_to_camera``, ``voxel_origin``,
-            ``voxel_size``; view 0 at full grid resolution, as MonoScene); for the relation term optionally
+            ``voxel_size``; at full grid resolution as MonoScene, every view with its own ``frustum_size ** 2``
+            frustums); for the relation term optionally
             ``relation_targets (B, R, N, N_super)``, else they are built from ``occupancy`` downsampled to the
             relation grid with :func:`downsample_labels`.
         weights: term weights (default all 1); a 0 weight skips the term.
@@ -501,8 +560,10 @@ def ssc_loss(
     if weights.frustum:
         masks = batch.get("frustum_masks")
         if masks is None:
-            ids = _batch_frustum_masks(batch, target.shape[1:], frustum_size)
-            terms["frustum"] = frustum_proportion_loss(logits, target, ids, ignore_index, num_frustums=frustum_size**2)
+            ids = _batch_frustum_ids(batch, target.shape[1:], frustum_size)
+            terms["frustum"] = frustum_proportion_loss(
+                logits, target, ids, ignore_index, num_frustums=ids.shape[1] * frustum_size**2
+            )
         else:
             terms["frustum"] = frustum_proportion_loss(logits, target, masks, ignore_index)
     relation_logits = output.get("relation_logits")

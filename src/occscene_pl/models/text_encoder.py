@@ -6,6 +6,17 @@ after the final LayerNorm, not on the pooled sentence vector; :class:`TextEncode
 ``CustomTextCLIP`` models with a ``TextTransformer`` tower). Weights come from a local checkpoint file only; the
 visual tower is dropped after loading. The BPE vocabulary of the tokenizer ships inside open_clip.
 
+Stable Diffusion v1.x conditioning: SD v1.x was trained on OpenAI CLIP ViT-L/14 (QuickGELU activations) run on
+Hugging Face ``CLIPTokenizer`` tokens padded to 77 with the end-of-text token (49407), with no padding mask; open_clip's
+tokenizer pads with 0 (SD 2.x's convention). With a causal mask the embeddings up to the end token do not depend on
+the padding, but every padded position does, including all but two positions of guidance's empty prompt. The
+paper configs therefore use ``model_name: ViT-L-14-quickgelu`` and ``padding: eot``, which reproduce
+``CLIPTextModel(...).last_hidden_state`` of SD v1.5's pipeline exactly (tested against ``transformers``).
+
+Checkpoints: a state dict (``torch.save`` file read with ``weights_only=True``, or ``.safetensors``) in open_clip's
+layout, or OpenAI's TorchScript archive (``ViT-L-14.pt``, open_clip's ``openai`` tag), whose weights are read through
+``torch.jit.load`` (TorchScript's own deserializer; nothing is unpickled with ``weights_only=False``).
+
 Tiny configs for tests and the CPU demo are JSON files in ``occscene_pl/models/configs/`` (``occscene-tiny-clip``:
 width 32; ``occscene-demo-clip``: width 64). :class:`TextEncoder` registers a packaged config automatically when its
 ``model_name`` is one of them; :func:`register_tiny_config` registers variants through ``open_clip.add_model_config``.
@@ -18,21 +29,32 @@ import json
 import logging
 import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import open_clip
 import torch
+from open_clip.model import convert_to_custom_text_state_dict
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
-__all__ = ["CONFIG_DIR", "TINY_CONFIG_NAME", "TextEncoder", "register_tiny_config"]
+__all__ = ["CONFIG_DIR", "TINY_CONFIG_NAME", "Padding", "TextEncoder", "register_tiny_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TINY_CONFIG_NAME = "occscene-tiny-clip"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+Padding = Literal["zero", "eot"]
+"""Token after a prompt's end token: ``"eot"`` the end-of-text token 49407 (Stable Diffusion v1.x: Hugging Face
+``CLIPTokenizer`` with ``pad_token="<|endoftext|>"``), ``"zero"`` token 0 (open_clip's tokenizer; SD 2.x)."""
+
+# Entries of OpenAI's TorchScript state dict that are no weights (open_clip's build_model_from_openai_state_dict drops
+# them too).
+_OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 
 
 def _packaged_config(name: str) -> Path | None:
@@ -58,6 +80,7 @@ def register_tiny_config(
     heads: int = 2,
     context_length: int = 32,
     vocab_size: int = 49408,
+    quick_gelu: bool = False,
 ) -> str:
     """Register a tiny CLIP config (packaged ``occscene-tiny-clip.json`` with a changed text tower) in open_clip.
 
@@ -73,6 +96,8 @@ def register_tiny_config(
         heads: Number of attention heads (must divide ``width``).
         context_length: Token context length.
         vocab_size: Vocabulary size (49408 for open_clip's BPE tokenizer).
+        quick_gelu: QuickGELU activations (``x * sigmoid(1.702 x)``) like OpenAI's CLIP and SD v1's text encoder
+            (Hugging Face ``hidden_act="quick_gelu"``); False: exact GELU like the packaged config.
 
     Returns:
         ``name``, usable as ``TextEncoder(model_name=name)``.
@@ -92,6 +117,8 @@ def register_tiny_config(
     config["text_cfg"].update(
         width=width, layers=layers, heads=heads, context_length=context_length, vocab_size=vocab_size
     )
+    if quick_gelu:
+        config["quick_gelu"] = True
     existing = open_clip.get_model_config(name)
     if existing is not None:
         if existing == config:
@@ -130,6 +157,39 @@ def _quiet_random_init_warning(active: bool) -> Iterator[None]:
             root.removeFilter(keep)
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript zip (``torch.jit.save``: ``<archive>/constants.pkl`` and ``<archive>/code/``).
+
+    ``torch.save`` zips hold ``data.pkl`` and ``data/`` only; torch itself tells the two apart by ``constants.pkl``.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        records = [name.split("/", 1)[-1] for name in archive.namelist()]
+    return "constants.pkl" in records or any(record.startswith("code/") for record in records)
+
+
+def _torchscript_state_dict(model: nn.Module, path: Path) -> dict[str, Tensor]:
+    """Weights of a TorchScript CLIP archive (OpenAI's ``ViT-*.pt``) as a state dict for the open_clip ``model``.
+
+    OpenAI's archive keys are open_clip's ``CLIP`` keys (open_clip builds its OpenAI models from them unchanged) plus
+    three integer entries that are no weights; buffers that open_clip rebuilds itself (the non-persistent causal
+    ``attn_mask``) are dropped as well. The fp16 tensors of OpenAI's archive are cast when loaded into the model.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=Warning)
+        archive = torch.jit.load(str(path), map_location="cpu")
+    rebuilt = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state: dict[str, Tensor] = {
+        key: value
+        for key, value in archive.state_dict().items()
+        if key not in _OPENAI_NON_WEIGHTS and key not in rebuilt and f"text.{key}" not in rebuilt
+    }
+    if isinstance(model, open_clip.CustomTextCLIP) and "positional_embedding" in state:
+        state = convert_to_custom_text_state_dict(state)
+    return state
+
+
 def _model_config(model_name: str) -> dict[str, Any]:
     """The open_clip config of ``model_name``, registering a packaged config of that name when needed."""
     config = _registered_config(model_name)
@@ -155,19 +215,30 @@ def _model_config(model_name: str) -> dict[str, Any]:
 class TextEncoder(nn.Module):
     """open_clip text transformer -> per-token embeddings ``(B, L, D)``.
 
+    Stable Diffusion v1.5's conditioning is ``TextEncoder("ViT-L-14-quickgelu", pretrained=<OpenAI ViT-L-14>,
+    padding="eot")`` (what the paper configs set): the same transformer (QuickGELU, 77 tokens), the same tokens
+    (start token, BPE, end token, end tokens as padding) and the same output (last layer after the final LayerNorm,
+    causal mask, no padding mask) as ``CLIPTextModel(tokenizer(prompts, padding="max_length"))[0]``.
+
     Args:
-        model_name: open_clip config name (``ViT-L-14`` is Stable Diffusion v1's text encoder architecture; the
+        model_name: open_clip config name (``ViT-L-14-quickgelu`` is Stable Diffusion v1's text encoder, OpenAI CLIP
+            ViT-L/14; plain ``ViT-L-14`` uses exact GELU, the activation of LAION-trained open_clip weights; the
             packaged ``occscene-tiny-clip`` / ``occscene-demo-clip`` are registered on demand).
-        pretrained: Local open_clip checkpoint file (``.pt``/``.bin``/``.safetensors`` state dict of the full
-            CLIP model or of its text part); None = random init. Never a hub name or pretrained tag.
+        pretrained: Local checkpoint file: an open_clip state dict (``.pt``/``.bin``/``.safetensors``, full CLIP
+            model or its text part) or OpenAI's TorchScript archive (e.g. ``ViT-L-14.pt`` of open_clip's ``openai``
+            tag); None = random init. Never a hub name or pretrained tag.
         freeze: Frozen: no gradients, always in eval mode (also after the parent's ``train()``), forward under
             ``torch.no_grad()``.
         context_length: Token length ``L`` (at most the model's; a shorter context uses the first positional
             embeddings, which is exact for the causal text transformer). Default: the model's.
+        padding: Token filling the positions after a prompt's end token (:data:`Padding`): ``"eot"`` the end-of-text
+            token like Stable Diffusion v1.x, ``"zero"`` (default, open_clip's own tokenizer) token 0 like SD 2.x.
+            The default stays open_clip's so that models trained on open_clip tokens keep their inputs.
 
     Raises:
         FileNotFoundError: ``pretrained`` is not an existing file.
-        ValueError: Unknown or unsupported ``model_name``, bad ``context_length``, or a checkpoint that does not fit.
+        ValueError: Unknown or unsupported ``model_name``, bad ``context_length`` or ``padding``, or a checkpoint that
+            does not fit.
     """
 
     def __init__(
@@ -176,9 +247,16 @@ class TextEncoder(nn.Module):
         pretrained: str | None = None,
         freeze: bool = True,
         context_length: int | None = None,
+        padding: Padding = "zero",
     ) -> None:
         super().__init__()
         _model_config(model_name)
+        if padding not in get_args(Padding):
+            raise ValueError(
+                f"TextEncoder: padding must be 'eot' (Stable Diffusion v1.x) or 'zero' (open_clip, SD 2.x), "
+                f"got {padding!r}"
+            )
+        self.padding: Padding = padding
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(
                 f"TextEncoder: pretrained checkpoint {pretrained} does not exist; the open_clip weights must be a "
@@ -219,8 +297,11 @@ class TextEncoder(nn.Module):
     @staticmethod
     def _load_checkpoint(model: nn.Module, path: Path) -> None:
         try:
-            incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
-        except Exception as error:  # torch.load / safetensors / shape errors: one message naming the file
+            if _is_torchscript_archive(path):
+                incompatible = model.load_state_dict(_torchscript_state_dict(model, path), strict=False)
+            else:
+                incompatible = open_clip.load_checkpoint(model, str(path), strict=False)
+        except Exception as error:  # torch.load / jit / safetensors / shape errors: one message naming the file
             raise ValueError(f"TextEncoder: could not load open_clip checkpoint {path}: {error}") from error
         missing = [key for key in incompatible.missing_keys if not key.startswith("visual.")]
         if missing or incompatible.unexpected_keys:
@@ -254,26 +335,37 @@ class TextEncoder(nn.Module):
 
     @property
     def eot_token_id(self) -> int:
-        """Token id ending every prompt; positions after it are padding (id 0)."""
+        """Token id ending every prompt (49407); positions after it are padding (:attr:`pad_token_id`)."""
         return int(self.tokenizer.eot_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Token id after the end token: the end token itself for ``padding="eot"``, 0 for ``"zero"``."""
+        return self.eot_token_id if self.padding == "eot" else 0
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Set train mode; a frozen encoder stays in eval mode."""
         return super().train(mode and not self.freeze)
 
     def tokenize(self, prompts: list[str] | str) -> Tensor:
-        """Tokenise with open_clip's BPE tokenizer.
+        """Tokenise with open_clip's BPE tokenizer (the vocabulary and merges of OpenAI's CLIP and SD's tokenizer).
 
         Args:
             prompts: ``B`` prompts (a single string is one prompt).
 
         Returns:
-            ``(B, L)`` long tokens on the CPU: start token, BPE tokens, end token, zero padding (truncated to ``L``
-            with the end token kept last).
+            ``(B, L)`` long tokens on the CPU: start token, BPE tokens, end token, then :attr:`pad_token_id` up to
+            ``L`` (longer prompts are truncated to ``L`` with the end token kept last, like ``CLIPTokenizer``'s
+            ``truncation=True``).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.tokenizer(list(prompts), context_length=self.context_length)
+        tokens = self.tokenizer(list(prompts), context_length=self.context_length)
+        if self.padding == "eot":
+            # Padding starts after the first end token (token 0 is also a real BPE token, "!", so match positions).
+            end = (tokens == self.eot_token_id).int().argmax(dim=1, keepdim=True)
+            tokens = tokens.masked_fill(torch.arange(tokens.shape[1]) > end, self.eot_token_id)
+        return tokens
 
     def forward(self, prompts: list[str] | str | Tensor) -> Tensor:
         """Per-token embeddings of the last transformer layer after ``ln_final``.
@@ -309,4 +401,7 @@ class TextEncoder(nn.Module):
         return tower.ln_final(x)
 
     def extra_repr(self) -> str:
-        return f"model_name={self.model_name!r}, width={self.width}, context_length={self.context_length}"
+        return (
+            f"model_name={self.model_name!r}, width={self.width}, context_length={self.context_length}, "
+            f"padding={self.padding!r}"
+        )

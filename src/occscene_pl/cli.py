@@ -7,14 +7,21 @@ never repeated.
 
 ``predict`` is batch generation: a :class:`~occscene_pl.writer.GenerationWriter` is added when the config has none,
 and predictions are not accumulated in memory (``--return_predictions`` defaults to false).
+
+``validate``, ``test`` and ``predict`` with ``--ckpt_path`` need none of the files the fit started from (the
+generator's diffusers folder, the open_clip and timm weights, ``init_from``): the model is built from the
+architecture stored in the checkpoint, without pretrained weights, and the checkpoint's state dict is loaded into it
+(see :mod:`occscene_pl.checkpoint_architecture`). ``fit --ckpt_path`` (a resume) builds the model as configured.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from occscene_pl.checkpoint_architecture import read_architecture, self_contained_model_config
 from occscene_pl.data.base import OccupancyDataModule
 from occscene_pl.module import OccSceneModule
 from occscene_pl.writer import GenerationWriter
@@ -23,7 +30,12 @@ __all__ = ["OccSceneCLI", "main"]
 
 
 class OccSceneCLI(LightningCLI):
-    """LightningCLI that links the dataset's class list, class weights and grid into the model."""
+    """LightningCLI that links the dataset's facts into the model and evaluates checkpoints without fit-time files.
+
+    Besides linking the dataset's class list, class weights and grid into the model, ``validate``, ``test`` and
+    ``predict`` with a checkpoint file as ``--ckpt_path`` rewrite the model config before the model is built
+    (:meth:`before_instantiate_classes`).
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Known only once the DataModule exists; the links also make the data instantiate first.
@@ -38,6 +50,30 @@ class OccSceneCLI(LightningCLI):
             # Generated scenes go to disk through the writer; keeping them all in memory would only grow.
             parser.set_defaults(return_predictions=False)
         return parser
+
+    def before_instantiate_classes(self) -> None:
+        """Make ``validate``/``test``/``predict --ckpt_path <file>`` independent of the fit's weights files.
+
+        Runs after Lightning has merged the checkpoint's hyper-parameters into the config (``_parse_ckpt_path``),
+        so the config names the fit-time files. The checkpoint's stored architecture (read memory-mapped with
+        ``weights_only=True``) replaces the generator's ``pretrained`` folder, and the open_clip / timm weights and
+        ``init_from`` are dropped: the checkpoint's state dict is loaded over all of those weights anyway. See
+        :func:`~occscene_pl.checkpoint_architecture.self_contained_model_config`. ``fit`` (a resume) is unchanged,
+        and so are ``ckpt_path`` values that are not a local file (``best``, ``last``, remote URLs).
+
+        Raises:
+            ArchitectureError: An older checkpoint (without a stored architecture) whose generator folder is gone.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("validate", "test", "predict"):
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        model = self.config[subcommand]["model"]
+        changes = self_contained_model_config(model.as_dict(), read_architecture(ckpt_path), ckpt_path)
+        for key, value in changes.items():
+            self.config[f"{subcommand}.model.{key}"] = value
 
     def before_predict(self) -> None:
         if not any(isinstance(callback, GenerationWriter) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]

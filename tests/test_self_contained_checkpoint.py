@@ -284,3 +284,40 @@ def test_read_architecture_errors(tmp_path: Path) -> None:
     torch.save({ARCHITECTURE_KEY: "unet"}, malformed)
     with pytest.raises(ValueError, match=f"{malformed} has a malformed"):
         read_architecture(malformed)
+
+
+def test_explicit_model_flags_override_the_checkpoint_settings(
+    fitted: dict[str, Any], nyuv2_root: Path, tmp_path: Path
+) -> None:
+    """``--model.*`` flags on the command line win over the settings saved in ``--ckpt_path`` (Lightning alone would
+    silently keep the saved ones); unflagged options still come from the checkpoint."""
+    saved = torch.load(fitted["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]
+    sampling = dict(vars(saved["sampling"]) if not isinstance(saved["sampling"], dict) else saved["sampling"])
+    assert sampling["num_inference_steps"] == 2
+    run(
+        "predict",
+        nyuv2_root,
+        tmp_path,
+        fitted["files"],
+        f"--ckpt_path={fitted['checkpoint']}",
+        "--model.sampling.num_inference_steps=1",
+        "--model.sampling.seed",
+        "5",
+    )
+    (sample,) = [d for d in (tmp_path / "predictions").iterdir() if d.is_dir()]
+    meta = json.loads((sample / "meta.json").read_text())
+    assert meta["meta"]["num_inference_steps"] == 1
+    assert meta["meta"]["guidance_scale"] == sampling["guidance_scale"]
+
+
+def test_explicit_model_flags_are_parsed_from_the_command_line() -> None:
+    from occscene_pl.cli import _set_option, explicit_model_flags
+    from occscene_pl.config import SamplingConfig
+
+    flags = explicit_model_flags(["predict", "--model.sampling.eta=0.5", "--model.mode", "joint", "--data.root=x"])
+    assert flags == ["sampling.eta", "mode"]
+    options: dict[str, Any] = {"sampling": SamplingConfig(eta=0.1, guidance_scale=3.0), "mode": "generation"}
+    _set_option(options, "sampling.eta", 0.5)
+    _set_option(options, "mode", "joint")
+    assert options["mode"] == "joint"
+    assert options["sampling"]["eta"] == 0.5 and options["sampling"]["guidance_scale"] == 3.0

@@ -16,9 +16,13 @@ architecture stored in the checkpoint, without pretrained weights, and the check
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from occscene_pl.checkpoint_architecture import read_architecture, self_contained_model_config
@@ -51,6 +55,50 @@ class OccSceneCLI(LightningCLI):
             parser.set_defaults(return_predictions=False)
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as Lightning does, remembering the command line (see :meth:`_parse_ckpt_path`)."""
+        if isinstance(args, list | tuple):
+            self._command_line: list[str] = [str(a) for a in args]
+        else:
+            self._command_line = sys.argv[1:] if args is None else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model settings saved in ``--ckpt_path``, except those given explicitly as ``--model.*`` flags.
+
+        Lightning's own version lets the checkpoint's saved hyper-parameters override everything, so that e.g.
+        ``predict --ckpt_path c.ckpt --model.sampling.num_inference_steps 3`` silently samples with the fit's steps.
+        Here the checkpoint's settings override the config files (the checkpoint defines the model it holds), and
+        explicit ``--model.*`` flags on the command line override the checkpoint. The file is read memory-mapped
+        and weights-only.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as error:  # noqa: BLE001 - one line naming the file
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({first})") from error
+        hparams = dict(checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {})
+        hparams.pop("_instantiator", None)
+        model = self.config[subcommand]["model"]
+        for flag in explicit_model_flags(self._command_line):
+            value = model.get(flag) if hasattr(model, "get") else None
+            _set_option(hparams, flag, value.as_dict() if hasattr(value, "as_dict") else value)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the model settings saved in --ckpt_path {ckpt_path} failed\n")
+            raise
+
     def before_instantiate_classes(self) -> None:
         """Make ``validate``/``test``/``predict --ckpt_path <file>`` independent of the fit's weights files.
 
@@ -78,6 +126,31 @@ class OccSceneCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(callback, GenerationWriter) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
             self.trainer.callbacks.append(GenerationWriter())  # type: ignore[attr-defined]
+
+
+def explicit_model_flags(command_line: Sequence[str]) -> list[str]:
+    """Dotted model options given as ``--model.a.b=v`` or ``--model.a.b v`` flags, e.g. ``["sampling.eta"]``."""
+    return [token.split("=", 1)[0][len("--model.") :] for token in command_line if token.startswith("--model.")]
+
+
+def _set_option(options: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested option dicts / dataclasses in place (dataclasses become dicts on the path).
+
+    (Setting, not removing: a partial dict for a dataclass group would reset its other fields to their defaults.)
+    """
+    parts = dotted.split(".")
+    node = options
+    for part in parts[:-1]:
+        child = node.get(part)
+        if dataclasses.is_dataclass(child) and not isinstance(child, type):
+            child = dataclasses.asdict(child)
+        elif isinstance(child, dict):
+            child = dict(child)
+        else:
+            return
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def main(args: ArgsType = None) -> None:

@@ -60,7 +60,7 @@ def _check_predictions(folder: Path, grid_size: tuple[int, int, int]) -> None:
         assert arrays["labels"].shape == grid_size and arrays["condition"].shape == grid_size
         assert arrays["intrinsics"].shape == (views, 3, 3)
     assert meta["frame_id"] == sample.name and meta["mode"] == "layout" and meta["prompt"]
-    assert 0.0 <= meta["meta"]["consistency_miou"] <= 1.0
+    assert 0.0 <= meta["meta"]["cotrained_consistency_miou"] <= 1.0
 
 
 def _run(subcommand: str, config: str, tmp_path: Path, *extra: str) -> None:
@@ -109,22 +109,22 @@ def dataset_args(request: pytest.FixtureRequest) -> tuple[str, list[str], tuple[
 
 @pytest.mark.parametrize("dataset_args", ["kitti", "nyuv2", "nuscenes"], indirect=True)
 def test_fit_test_predict(dataset_args: tuple[str, list[str], tuple[int, int, int]], tmp_path: Path) -> None:
-    """fit logs the perceiver's val/miou and the generation's val/consistency_miou; test logs both too; validate
-    runs; predict over the split writes every output file of a layout-controlled sample."""
+    """fit logs the perceiver's val/miou and the generation's val/cotrained_consistency_miou; test logs both too;
+    validate runs; predict over the split writes every output file of a layout-controlled sample."""
     config, args, grid_size = dataset_args
     _run("fit", config, tmp_path, *args, _csv_logger(tmp_path / "fit_logs"))
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))
     assert checkpoints, f"fit wrote no last.ckpt under {tmp_path}"
     assert sorted(tmp_path.rglob("config.yaml")), "fit did not save its resolved config"
     logged = _logged(tmp_path / "fit_logs")
-    for key in ("val/miou", "val/iou", "val/consistency_miou", "train/loss"):
+    for key in ("val/miou", "val/iou", "val/cotrained_consistency_miou", "train/loss"):
         assert key in logged, f"fit did not log {key}; logged: {sorted(logged)}"
         assert all(math.isfinite(v) for v in logged[key])
-    assert all(0.0 <= v <= 1.0 for v in logged["val/miou"] + logged["val/consistency_miou"])
+    assert all(0.0 <= v <= 1.0 for v in logged["val/miou"] + logged["val/cotrained_consistency_miou"])
     assert sorted((tmp_path / "fit_logs").rglob("samples/val_step*.png")), "no validation picture was logged"
     _run("test", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}", _csv_logger(tmp_path / "test_logs"))
     logged = _logged(tmp_path / "test_logs")
-    assert {"test/miou", "test/consistency_miou"} <= set(logged), sorted(logged)
+    assert {"test/miou", "test/cotrained_consistency_miou"} <= set(logged), sorted(logged)
     _run("validate", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")
     _run("predict", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")
     _check_predictions(tmp_path / "predictions", grid_size)

@@ -243,39 +243,65 @@ def test_init_from_missing_file_names_it(datamodule: NYUv2DataModule, tmp_path: 
 
 
 # ---------------------------------------------------------------------------------------------------------------- EMA
-def test_ema_follows_the_unet_and_is_sampled_with(
+def _ema_parts(module: OccSceneModule) -> tuple[nn.Module, nn.Module]:
+    assert module.ema is not None
+    return module.ema["unet"], module.ema["aligner"]
+
+
+def test_ema_follows_the_unet_and_aligner_and_is_sampled_with(
     datamodule: NYUv2DataModule, batch: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a step the EMA is ``decay * initial + (1 - decay) * live``; sampling swaps it in when ``use_ema``."""
+    """After a step both EMAs are ``d * initial + (1 - d) * live``; sampling swaps in the EMA UNet and aligner."""
     decay = 0.75
-    module = build(datamodule, "generation", ema_decay=decay)
-    assert module.generator is not None and module.unet_ema is not None
-    initial = snapshot(module.generator.unet)
+    module = build(datamodule, "generation", ema_decay=decay, ema_warmup=False)
+    assert module.generator is not None and module.aligner is not None
+    ema_unet, ema_aligner = _ema_parts(module)
+    live_parts = {"unet": module.generator.unet, "aligner": module.aligner}
+    initial = {name: snapshot(part) for name, part in live_parts.items()}
     trainer().fit(module, train_dataloaders=datamodule.train_dataloader())
-    live = dict(module.generator.unet.named_parameters())
-    ema = dict(module.unet_ema.named_parameters())
-    assert not any(p.requires_grad for p in ema.values())
-    moved = [name for name in live if not torch.equal(live[name], initial[name])]
-    assert moved
-    for name in moved:
-        expected = decay * initial[name] + (1 - decay) * live[name].detach()
-        torch.testing.assert_close(ema[name], expected, rtol=1e-5, atol=1e-7)
-        assert not torch.equal(ema[name], live[name])
+    for name, ema_part in (("unet", ema_unet), ("aligner", ema_aligner)):
+        live = dict(live_parts[name].named_parameters())
+        ema = dict(ema_part.named_parameters())
+        assert not any(p.requires_grad for p in ema.values())
+        moved = [k for k in live if not torch.equal(live[k], initial[name][k])]
+        assert moved, name
+        for k in moved:
+            expected = decay * initial[name][k] + (1 - decay) * live[k].detach()
+            torch.testing.assert_close(ema[k], expected, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(ema[k], live[k])
 
-    used: list[nn.Module] = []
+    used: list[tuple[nn.Module, nn.Module]] = []
 
-    def fake_sample_scenes(generator: Any, *args: Any, **kwargs: Any) -> Any:
-        used.append(generator.unet)
+    def fake_sample_scenes(generator: Any, text_encoder: Any, aligner: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append((generator.unet, aligner))
         b, v = batch["image"].shape[:2]
         return SampleResult(torch.zeros(b, v, 3, *IMAGE_SIZE), torch.zeros(b, module.num_classes, *GRID))
 
     monkeypatch.setattr(module_lib, "sample_scenes", fake_sample_scenes)
     camera = module.camera(batch)
+    live_unet, live_aligner = module.generator.unet, module.aligner
     module._generate(batch, camera, condition=None)
     module.sampling.use_ema = False
     module._generate(batch, camera, condition=None)
-    assert used[0] is module.unet_ema and used[1] is module.generator.unet
-    assert module.generator.unet is not module.unet_ema  # restored after sampling
+    assert used[0][0] is ema_unet and used[0][1] is ema_aligner  # sampled together
+    assert used[1][0] is live_unet and used[1][1] is live_aligner
+    assert module.generator.unet is live_unet and module.aligner is live_aligner  # restored after sampling
+
+
+def test_ema_warmup_follows_diffusers_schedule(datamodule: NYUv2DataModule) -> None:
+    """With warm-up, update n uses ``min(decay, (1 + n) / (10 + n))`` (diffusers' EMAModel): the first updates mostly
+    copy the live weights, so the average does not stay anchored on the initial weights for thousands of steps."""
+    from diffusers.training_utils import EMAModel
+
+    module = build(datamodule, "generation", ema_decay=0.9999)
+    reference = EMAModel(torch.nn.Linear(1, 1).parameters(), decay=0.9999)
+    for n in (0, 1, 10, 100, 5000, 10**6):
+        reference.optimization_step = n + 1  # diffusers counts the step being taken from 1
+        assert module.ema_decay_at(n) == pytest.approx(reference.get_decay(reference.optimization_step))
+    assert module.ema_decay_at(0) == 0.0  # the first update copies the live weights
+    # After 5000 updates the weights after the first step are < 1 % of the average (61 % without warm-up).
+    remaining = float(torch.tensor([module.ema_decay_at(n) for n in range(1, 5000)], dtype=torch.float64).prod())
+    assert remaining < 0.01 and 0.9999**5000 > 0.6
 
 
 class _LiveProbe(pl.Callback):
@@ -290,11 +316,12 @@ class _LiveProbe(pl.Callback):
         self.records.append((trainer.global_step, live))
 
 
-def test_ema_updates_once_per_optimizer_step(datamodule: NYUv2DataModule) -> None:
-    """With gradient accumulation the EMA moves once per optimizer step, not once per micro-batch."""
+def test_ema_updates_once_per_optimizer_step_with_warmup(datamodule: NYUv2DataModule) -> None:
+    """With gradient accumulation the EMA moves once per optimizer step, with the warm-up decay of each update, and
+    the update counter is saved in the state dict (so a resumed run continues the schedule)."""
     decay = 0.5
     module = build(datamodule, "generation", ema_decay=decay, optimizer=OptimizerConfig(lr_unet=1e-2))
-    assert module.generator is not None and module.unet_ema is not None
+    assert module.generator is not None
     name = "conv_in.weight"
     initial = dict(module.generator.unet.named_parameters())[name].detach().clone()
     probe = _LiveProbe(name)
@@ -304,12 +331,15 @@ def test_ema_updates_once_per_optimizer_step(datamodule: NYUv2DataModule) -> Non
     trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[probe]).fit(module, train_dataloaders=loader)
     assert [step for step, _ in probe.records] == [0, 1, 1, 2]
     after_first, after_second = probe.records[1][1], probe.records[3][1]
-    expected = decay * (decay * initial + (1 - decay) * after_first) + (1 - decay) * after_second
-    final = dict(module.unet_ema.named_parameters())[name].detach()
+    d0, d1 = module.ema_decay_at(0), module.ema_decay_at(1)
+    assert (d0, d1) == (0.0, pytest.approx(2 / 11))
+    expected = d1 * (d0 * initial + (1 - d0) * after_first) + (1 - d1) * after_second
+    final = dict(_ema_parts(module)[0].named_parameters())[name].detach()
     torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-7)
+    assert int(module.state_dict()["ema_updates"]) == 2
+    assert any(k.startswith("ema.aligner.") for k in module.state_dict())
 
 
-# ------------------------------------------------------------------------------------------------------------- losses
 def _count_perceiver_calls(module: OccSceneModule, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Wrap ``module.perceive``; the returned list gets the batch size of every call."""
     calls: list[int] = []
@@ -475,7 +505,8 @@ def test_layout_predict_conditions_on_the_occupancy(
     outputs = trainer().predict(module, dataloaders=loader, return_predictions=True)
     assert outputs is not None
     sample = outputs[0][0]  # type: ignore[index]
-    assert sample["mode"] == "layout" and 0.0 <= sample["meta"]["consistency_miou"] <= 1.0
+    assert sample["mode"] == "layout" and 0.0 <= sample["meta"]["cotrained_consistency_miou"] <= 1.0
+    assert "consistency_miou" not in sample["meta"]  # no judge configured: no headline score
     assert len(received) == 2 and all(r is not None and torch.equal(r, gt_one_hot) for r in received)
 
 
@@ -515,11 +546,11 @@ class SyncProbe(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record["logged_miou"] = float(trainer.callback_metrics["val/miou"])
-        self.record["logged_consistency"] = float(trainer.callback_metrics["val/consistency_miou"])
+        self.record["logged_consistency"] = float(trainer.callback_metrics["val/cotrained_consistency_miou"])
         self.record["step"] = trainer.global_step
         # DDP averages the gradients: every rank holds the same weights (and EMA) after its optimizer steps.
         self.record["unet_checksum"] = sum(float(p.double().sum()) for p in pl_module.generator.unet.parameters())
-        self.record["ema_checksum"] = sum(float(p.double().sum()) for p in pl_module.unet_ema.parameters())
+        self.record["ema_checksum"] = sum(float(p.double().sum()) for p in pl_module.ema.parameters())
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 

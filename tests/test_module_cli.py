@@ -205,6 +205,6 @@ def test_bf16_mixed_fit_and_predict(nyuv2_root: Path, tmp_path: Path, monkeypatc
     folders = [d for d in (tmp_path / "predictions").iterdir() if d.is_dir()]
     assert len(folders) == 1
     meta = json.loads((folders[0] / "meta.json").read_text())
-    assert meta["mode"] == "layout" and 0.0 <= meta["meta"]["consistency_miou"] <= 1.0
+    assert meta["mode"] == "layout" and 0.0 <= meta["meta"]["cotrained_consistency_miou"] <= 1.0
     for name in ("image.png", "occupancy.npz", "occupancy.png"):
         assert (folders[0] / name).is_file()

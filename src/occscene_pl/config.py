@@ -7,7 +7,9 @@ every field with its default) and YAML configs set them field by field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 __all__ = ["EvaluationConfig", "LossConfig", "OptimizerConfig", "SamplingConfig"]
 
@@ -126,5 +128,16 @@ class EvaluationConfig:
     """Local FID Inception weights (``pt_inception-2015-12-05-6726825d.pth``); None = no FID/KID (nothing is
     downloaded)."""
     kid_subset_size: int = 50
+    judge: str | None = None
+    """A perception-mode checkpoint (``.ckpt`` of ``fit --model.mode perception``, a perceiver that never saw a
+    generated image) whose frozen perceiver judges generated scenes: ``consistency_miou`` / ``consistency_iou``
+    compare its prediction on the generated image with the condition (layout mode) or with the generated occupancy
+    (text mode). The co-trained perceiver's scores are reported as ``cotrained_consistency_*``. None: no judge."""
     log_images: int = 4
     """Samples shown in the logged validation picture (real | generated | occupancy); 0 disables it."""
+
+
+# Checkpoints save these option groups in their hyper-parameters: allow them in weights-only loads (torch's default
+# and Lightning's resume), so that no checkpoint ever needs ``weights_only=False``. They are plain dataclasses.
+SAFE_CHECKPOINT_CLASSES: list[Any] = [EvaluationConfig, LossConfig, OptimizerConfig, SamplingConfig]
+torch.serialization.add_safe_globals(SAFE_CHECKPOINT_CLASSES)

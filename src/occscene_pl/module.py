@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from occscene_pl.config import EvaluationConfig, LossConfig, OptimizerConfig, SamplingConfig
 from occscene_pl.generation_metrics import GenerationMetrics
+from occscene_pl.judge import load_judge
 from occscene_pl.losses import SSCLossWeights, diffusion_loss, ssc_loss
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
@@ -92,8 +94,13 @@ class OccSceneModule(pl.LightningModule):
             occupancy instead of the perceiver's prediction (teacher forcing). Generation mode always uses the
             ground truth.
         text_dropout: Probability of replacing a training prompt by ``""`` (classifier-free guidance).
-        ema_decay: Keep an exponential moving average of the UNet with this decay (sampled with when
-            ``sampling.use_ema``); None disables it.
+        condition_dropout: Probability of training a scene without any occupancy condition (all aligner residuals
+            zero), so that the UNet learns the state that text-only sampling starts from (its first
+            ``sampling.occupancy_refresh`` steps run before the perceiver has seen an image).
+        ema_decay: Keep an exponential moving average of the UNet and the aligner with this (maximum) decay,
+            sampled with when ``sampling.use_ema``; None disables it.
+        ema_warmup: Ramp the EMA decay up as diffusers' ``EMAModel`` does: update ``n`` (from 0) uses 0 for
+            ``n = 0``, then ``min(ema_decay, (1 + n) / (10 + n))``, so the average forgets the initial weights early.
         init_from: A checkpoint (Lightning ``.ckpt`` or a plain state dict) whose matching weights initialise the
             model, e.g. the stage-1 ``perception`` checkpoint for stage-2 ``joint`` training. Weights only: no
             optimizer state, no step counter. Only trusted files: they are unpickled.
@@ -116,7 +123,9 @@ class OccSceneModule(pl.LightningModule):
         evaluation: EvaluationConfig | None = None,
         gt_condition_prob: float = 0.5,
         text_dropout: float = 0.1,
+        condition_dropout: float = 0.1,
         ema_decay: float | None = None,
+        ema_warmup: bool = True,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -127,6 +136,8 @@ class OccSceneModule(pl.LightningModule):
             raise ValueError(f"model.gt_condition_prob must be in [0, 1], got {gt_condition_prob}")
         if not 0.0 <= text_dropout <= 1.0:
             raise ValueError(f"model.text_dropout must be in [0, 1], got {text_dropout}")
+        if not 0.0 <= condition_dropout <= 1.0:
+            raise ValueError(f"model.condition_dropout must be in [0, 1], got {condition_dropout}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.mode: Mode = mode
@@ -141,6 +152,9 @@ class OccSceneModule(pl.LightningModule):
         self.evaluation = evaluation or EvaluationConfig()
         self.gt_condition_prob = 1.0 if mode == "generation" else float(gt_condition_prob)
         self.text_dropout = float(text_dropout)
+        self.condition_dropout = float(condition_dropout)
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.ema_warmup = bool(ema_warmup)
         weights = None
         if class_weights is not None and self.loss_config.use_class_weights:
             if len(class_weights) != num_classes:
@@ -154,7 +168,7 @@ class OccSceneModule(pl.LightningModule):
         self.generator: SceneGenerator | None = None
         self.text_encoder: TextEncoder | None = None
         self.aligner: MambaDualAlignment | None = None
-        self.unet_ema: nn.Module | None = None
+        self.ema: nn.ModuleDict | None = None
         if mode != "perception":
             if generator is None:
                 raise ValueError(f"model.generator is required in {mode} mode (a `pretrained` folder or `unet` config)")
@@ -170,8 +184,13 @@ class OccSceneModule(pl.LightningModule):
             )
         if init_from is not None:
             self._load_initial_weights(Path(init_from))
-        if ema_decay is not None and self.generator is not None:
-            self.unet_ema = copy.deepcopy(self.generator.unet).requires_grad_(False).eval()
+        if ema_decay is not None and self.generator is not None and self.aligner is not None:
+            # The aligner is averaged with the UNet: sampling pairs them, so both come from the same average.
+            self.ema = nn.ModuleDict(
+                {"unet": copy.deepcopy(self.generator.unet), "aligner": copy.deepcopy(self.aligner)}
+            ).requires_grad_(False)
+            self.ema.eval()
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         if mode == "generation":
             self.perceiver.requires_grad_(False)
 
@@ -188,6 +207,13 @@ class OccSceneModule(pl.LightningModule):
             if mode != "perception"
             else {}
         )
+        # The judge's consistency scores (headline ``consistency_*``); the judge itself is loaded on first use and
+        # kept out of the state dict: it is an evaluation instrument, not part of the model.
+        self.judge_metrics = nn.ModuleDict(
+            {stage: SSCMetric(self.num_classes) for stage in ("val", "test")} if mode != "perception" else {}
+        )
+        self.__dict__["_judge"] = None
+        self._rng_step, self._micro_batch = -1, 0  # see training_step / step_generator
         self._reported: set[str] = set()
         self._generated: set[str] = set()
 
@@ -230,9 +256,25 @@ class OccSceneModule(pl.LightningModule):
         super().train(mode)
         if self.mode == "generation":
             self.perceiver.eval()
-        if self.unet_ema is not None:
-            self.unet_ema.eval()
+        if self.ema is not None:
+            self.ema.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        """Refuse sharded strategies before they wrap the model (Lightning calls this hook before wrapping).
+
+        The EMA update reads whole parameters and sampling swaps whole UNet / aligner modules; FSDP, DeepSpeed and
+        tensor parallelism replace parameters by shards, so both would silently use partial or stale weights.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+            raise ValueError(
+                f"trainer.strategy: {type(strategy).__name__} (sharded parameters) is not supported by OccSceneModule "
+                "(its EMA and the EMA/UNet swap at sampling need whole modules); use ddp (data parallel), with "
+                "model.generator.gradient_checkpointing and model.aligner.gradient_checkpointing to save memory"
+            )
 
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_config
@@ -282,6 +324,25 @@ class OccSceneModule(pl.LightningModule):
             (size[0], size[1]),
         )
 
+    def judge(self) -> OccupancyPerceiver | None:
+        """The frozen judge of ``evaluation.judge`` on the module's device (loaded once), or None without one."""
+        if self.evaluation.judge is None:
+            return None
+        judge = self.__dict__["_judge"]
+        if judge is None:
+            judge = load_judge(self.evaluation.judge, self.num_classes, self.grid_size)
+            self.__dict__["_judge"] = judge
+        return cast(OccupancyPerceiver, judge.to(self.device))
+
+    def judged_labels(self, images: Tensor, camera: Camera) -> Tensor | None:
+        """The judge's ``(B, X, Y, Z)`` labels for ``(B, V, 3, H, W)`` images, or None without a judge."""
+        judge = self.judge()
+        if judge is None:
+            return None
+        with torch.no_grad():
+            logits = judge(images, camera.intrinsics, camera.voxel_to_camera, camera.voxel_origin, camera.voxel_size)
+        return logits["logits"].argmax(1)
+
     def perceive(self, images: Tensor, camera: Camera) -> dict[str, Tensor]:
         """The perceiver's output (``logits``, maybe ``relation_logits``) on ``(B, V, 3, H, W)`` images."""
         return self.perceiver(images, camera.intrinsics, camera.voxel_to_camera, camera.voxel_origin, camera.voxel_size)
@@ -306,25 +367,60 @@ class OccSceneModule(pl.LightningModule):
             return (timesteps < cfg.timestep_cutoff).float()
         return torch.ones_like(timesteps, dtype=torch.float32)
 
-    def _encode_prompts(self, prompts: Sequence[str], dropout: float) -> Tensor:
+    def _encode_prompts(self, prompts: Sequence[str], dropout: float, rng: torch.Generator | None = None) -> Tensor:
         assert self.text_encoder is not None
         if dropout > 0:
-            drop = torch.rand(len(prompts)) < dropout
+            drop = torch.rand(len(prompts), generator=rng) < dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
         return self.text_encoder(list(prompts)).to(self.device)
 
+    def step_generator(self, step: int, micro_batch: int = 0) -> torch.Generator:
+        """The CPU random stream of one training micro-batch: timesteps, noise, text and condition dropout and
+        teacher forcing are drawn from it.
+
+        It is seeded from ``(seed, global rank, optimizer step, micro-batch within the step)``, where ``seed`` is
+        the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``; ``torch.initial_seed()`` without one). So every DDP
+        rank draws its own timesteps and noise (``seed_everything`` alone seeds all ranks alike), and a
+        micro-batch's draws do not depend on what ran before it: a run resumed at an optimizer step draws exactly
+        what the uninterrupted one did (the global step is in every checkpoint).
+
+        Args:
+            step: The optimizer step (``global_step``) the micro-batch belongs to.
+            micro_batch: Its position among the step's accumulated micro-batches.
+        """
+        base = os.environ.get("PL_GLOBAL_SEED")
+        seed = int(base) if base is not None else torch.initial_seed()
+        words = [seed % 2**63, int(self.global_rank), int(step), int(micro_batch)]
+        state = np.random.SeedSequence([abs(w) for w in words]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Within the context the generator samples with the EMA UNet (if any and ``sampling.use_ema``)."""
-        if self.unet_ema is None or self.generator is None or not self.sampling.use_ema:
+        """Within the context the generator samples with the EMA UNet and the EMA aligner (if any and
+        ``sampling.use_ema``)."""
+        if self.ema is None or self.generator is None or not self.sampling.use_ema:
             yield
             return
-        live = self.generator.unet
-        self.generator.unet = self.unet_ema
+        live_unet, live_aligner = self.generator.unet, self.aligner
+        self.generator.unet = self.ema["unet"]
+        # Plain attribute swap: ``aligner`` is a registered submodule, so go through the module registry.
+        self._modules["aligner"] = self.ema["aligner"]
         try:
             yield
         finally:
-            self.generator.unet = live
+            self.generator.unet = live_unet
+            self._modules["aligner"] = live_aligner
+
+    def ema_decay_at(self, update: int) -> float:
+        """EMA decay of update ``n = update`` (0-based). With warm-up, diffusers' ``EMAModel`` schedule: 0 for the
+        first update (the average starts as the weights after one step), then ``min(ema_decay, (1 + n) / (10 + n))``.
+        """
+        assert self.ema_decay is not None
+        if not self.ema_warmup:
+            return self.ema_decay
+        if update <= 0:
+            return 0.0
+        return min(self.ema_decay, (1.0 + update) / (10.0 + update))
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -334,46 +430,88 @@ class OccSceneModule(pl.LightningModule):
         cfg = self.loss_config
         logs: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
+        step = int(self.global_step)
+        self._micro_batch = self._micro_batch + 1 if step == self._rng_step else 0
+        self._rng_step = step
+        rng = self.step_generator(step, self._micro_batch)
 
         real_out: dict[str, Tensor] | None = None
         needs_prediction = self.mode == "joint" and self.gt_condition_prob < 1.0
         if (self.mode != "generation" and cfg.real_ssc > 0) or needs_prediction:
-            real_out = self.perceive(images, camera)
+            # The perceiver reads the colour-augmented view when the dataset made one; the diffusion target below
+            # is always the un-augmented image.
+            real_out = self.perceive(batch.get("perceiver_image", images), camera)
         if self.mode != "generation" and cfg.real_ssc > 0 and real_out is not None:
             terms = self._ssc(real_out, batch)
             total = total + cfg.real_ssc * terms["loss"]
             logs.update({f"real_ssc/{k}": v for k, v in terms.items() if k != "loss"})
             logs["real_ssc"] = terms["loss"]
         if self.mode != "perception":
-            total = total + self._generation_losses(batch, camera, real_out, logs)
+            total = total + self._generation_losses(batch, camera, real_out, logs, rng)
 
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, batch_size=batch_size)
         return total
 
-    def _condition(self, batch: Mapping[str, Any], real_out: Mapping[str, Tensor] | None) -> Tensor:
+    def _condition(
+        self, batch: Mapping[str, Any], real_out: Mapping[str, Tensor] | None, rng: torch.Generator | None = None
+    ) -> Tensor:
         """Training condition per scene: ground truth (prob. ``gt_condition_prob``) or the perceiver's prediction."""
         gt = labels_to_probabilities(batch["occupancy"], self.num_classes)
         if self.gt_condition_prob >= 1.0 or real_out is None:
             return gt
         predicted = torch.softmax(real_out["logits"].detach().float(), dim=1)
-        use_gt = (torch.rand(gt.shape[0], device=gt.device) < self.gt_condition_prob).view(-1, 1, 1, 1, 1)
+        draw = torch.rand(gt.shape[0], generator=rng).to(gt.device)
+        use_gt = (draw < self.gt_condition_prob).view(-1, 1, 1, 1, 1)
         return torch.where(use_gt, gt, predicted)
 
+    def noised_latents(
+        self, images: Tensor, rng: torch.Generator | None = None, t_scene: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Encode ``(B, V, 3, H, W)`` images and noise them at one timestep per scene, shared by its views.
+
+        Everything here is float32 whatever the autocast: in bf16 the noise term at small ``t`` (``sqrt(1 -
+        alpha_bar_1)`` ~ 0.03) vanishes next to the latent's own rounding error.
+
+        Args:
+            images: ``(B, V, 3, H, W)`` in ``[0, 1]``.
+            rng: The random stream of the step (timesteps, noise); the global one if None.
+            t_scene: ``(B,)`` timesteps to use instead of drawing them.
+
+        Returns:
+            ``(noisy, target, timesteps, t_scene)``: ``(B*V, c, h, w)`` float32 latents and regression targets,
+            ``(B*V,)`` timesteps and the ``(B,)`` timesteps of the scenes.
+        """
+        assert self.generator is not None
+        gen = self.generator
+        b, v = images.shape[:2]
+        with torch.no_grad():
+            clean = gen.encode(images.flatten(0, 1)).float()
+        if t_scene is None:
+            t_scene = torch.randint(0, gen.num_train_timesteps, (b,), generator=rng)
+        t_scene = t_scene.to(clean.device)
+        with torch.autocast(device_type=clean.device.type, enabled=False):
+            noisy, target, timesteps = gen.training_targets(
+                clean, generator=rng, timesteps=t_scene.repeat_interleave(v)
+            )
+        return noisy, target.float(), timesteps, t_scene
+
     def _generation_losses(
-        self, batch: Mapping[str, Any], camera: Camera, real_out: Mapping[str, Tensor] | None, logs: dict[str, Tensor]
+        self,
+        batch: Mapping[str, Any],
+        camera: Camera,
+        real_out: Mapping[str, Tensor] | None,
+        logs: dict[str, Tensor],
+        rng: torch.Generator | None = None,
     ) -> Tensor:
         assert self.generator is not None and self.aligner is not None
         gen, cfg = self.generator, self.loss_config
         images = batch["image"]
         b, v = images.shape[:2]
-        with torch.no_grad():
-            clean = gen.encode(images.flatten(0, 1))
-        # One timestep per scene, shared by its views (they are denoised together at sampling time).
-        t_scene = torch.randint(0, gen.num_train_timesteps, (b,), device=clean.device)
-        noisy, target, timesteps = gen.training_targets(clean, timesteps=t_scene.repeat_interleave(v))
-        text = self._encode_prompts(batch["prompt"], self.text_dropout).repeat_interleave(v, 0)
-        condition = self._condition(batch, real_out)
+        noisy, target, timesteps, t_scene = self.noised_latents(images, rng)
+        logs["timestep"] = t_scene.float().mean()
+        text = self._encode_prompts(batch["prompt"], self.text_dropout, rng).repeat_interleave(v, 0)
+        condition = self._condition(batch, real_out, rng)
         down, mid = self.aligner(
             condition,
             camera.intrinsics,
@@ -383,7 +521,13 @@ class OccSceneModule(pl.LightningModule):
             camera.image_size,
             noisy,
         )
-        prediction = gen(noisy, timesteps, text.to(noisy.dtype), down, mid)
+        if self.condition_dropout > 0 and down is not None and mid is not None:
+            # Scenes trained without a condition: zero residuals are exactly the UNet without the aligner.
+            kept = (torch.rand(b, generator=rng) >= self.condition_dropout).repeat_interleave(v)
+            kept = kept.to(device=noisy.device).view(-1, 1, 1, 1)
+            down = [r * kept.to(r.dtype) for r in down]
+            mid = mid * kept.to(mid.dtype)
+        prediction = gen(noisy, timesteps, text, down, mid)
         diffusion = diffusion_loss(prediction, target)
         logs["diffusion"] = diffusion
         total = cfg.diffusion * diffusion
@@ -404,11 +548,16 @@ class OccSceneModule(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step, also with gradient accumulation."""
         super().optimizer_step(*args, **kwargs)
-        if self.unet_ema is not None and self.generator is not None:
-            decay = float(self.hparams["ema_decay"])
-            ema: list[Tensor] = list(self.unet_ema.parameters())
-            live: list[Tensor] = [p.detach() for p in self.generator.unet.parameters()]
-            torch._foreach_lerp_(ema, live, 1.0 - decay)
+        if self.ema is not None and self.generator is not None and self.aligner is not None:
+            updates = cast(Tensor, self.ema_updates)
+            decay = self.ema_decay_at(int(updates))
+            ema: list[Tensor] = [*self.ema["unet"].parameters(), *self.ema["aligner"].parameters()]
+            live: list[Tensor] = [
+                *(p.detach() for p in self.generator.unet.parameters()),
+                *(p.detach() for p in self.aligner.parameters()),
+            ]
+            torch._foreach_lerp_(ema, [p.to(e.dtype) for p, e in zip(live, ema, strict=True)], 1.0 - decay)
+            updates += 1
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
@@ -423,6 +572,9 @@ class OccSceneModule(pl.LightningModule):
         result = self._generate(batch, camera, condition=batch["occupancy"])
         metrics = cast(GenerationMetrics, self.generation_metrics[stage])
         metrics.update(images.flatten(0, 1), result.images.flatten(0, 1), result.logits.argmax(1), batch["occupancy"])
+        judged = self.judged_labels(result.images, camera)
+        if judged is not None:
+            cast(SSCMetric, self.judge_metrics[stage]).update(judged, batch["occupancy"])
         self._generated.add(stage)
         if batch_idx == 0 and self.evaluation.log_images > 0:
             self._log_samples(stage, batch, result.images)
@@ -489,14 +641,21 @@ class OccSceneModule(pl.LightningModule):
         if stage not in self.generation_metrics:
             return
         generation = cast(GenerationMetrics, self.generation_metrics[stage])
+        judge_metric = cast(SSCMetric, self.judge_metrics[stage])
         if stage in self._generated:
             self._generated.discard(stage)
             values = generation.compute()
+            # The co-trained perceiver reads its own generator's images: reported, but not as the headline.
+            values = {k.replace("consistency_", "cotrained_consistency_"): v for k, v in values.items()}
+            if self.evaluation.judge is not None:
+                judged = judge_metric.compute()
+                values.update({f"consistency_{k}": judged[k] for k in ("miou", "iou", "precision", "recall")})
             self.log_dict({f"{stage}/{k}": v for k, v in values.items() if v.ndim == 0})
             if generation.message and generation.message not in self._reported:
                 self._reported.add(generation.message)
                 log.warning(generation.message)
         generation.reset()
+        judge_metric.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
@@ -518,6 +677,13 @@ class OccSceneModule(pl.LightningModule):
             if isinstance(callback, GenerationWriter):
                 return callback
         return None
+
+    def _consistency(self, predicted: Tensor, reference: Tensor) -> tuple[float, float]:
+        """``(mIoU, IoU)`` of predicted labels against reference labels (255 ignored)."""
+        metric = SSCMetric(self.num_classes).to(predicted.device)
+        metric.update(predicted, reference.to(predicted.device))
+        scores = metric.compute()
+        return float(scores["miou"]), float(scores["iou"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Generate the batch's scenes; samples the writer already completed are skipped before sampling."""
@@ -541,6 +707,7 @@ class OccSceneModule(pl.LightningModule):
         camera = self.camera(batch)
         result = self._generate(batch, camera, condition, seeds=batch.get("seed"))
         labels = result.logits.argmax(1).to(torch.uint8)
+        judged = self.judged_labels(result.images, camera)
         probabilities = torch.softmax(result.logits.float(), dim=1).half()
         seeds = batch.get("seed")
         samples = []
@@ -552,14 +719,16 @@ class OccSceneModule(pl.LightningModule):
                 "guidance_scale": self.sampling.guidance_scale,
                 "occupancy_refresh": self.sampling.occupancy_refresh,
                 "eta": self.sampling.eta,
-                "ema": self.unet_ema is not None and self.sampling.use_ema,
+                "ema": self.ema is not None and self.sampling.use_ema,
             }
             if condition is not None:
-                metric = SSCMetric(self.num_classes).to(labels.device)
-                metric.update(labels[i : i + 1], condition[i : i + 1])
-                scores = metric.compute()
-                meta["consistency_miou"] = float(scores["miou"])
-                meta["consistency_iou"] = float(scores["iou"])
+                scores = self._consistency(labels[i : i + 1], condition[i : i + 1])
+                meta["cotrained_consistency_miou"], meta["cotrained_consistency_iou"] = scores
+            if judged is not None:
+                # The judge's reading of the generated image vs the layout it was generated from (layout mode) or
+                # vs the occupancy generated with it (text mode).
+                reference = condition[i : i + 1] if condition is not None else labels[i : i + 1]
+                meta["consistency_miou"], meta["consistency_iou"] = self._consistency(judged[i : i + 1], reference)
             samples.append(
                 {
                     "frame_id": str(frame_id),
@@ -578,3 +747,16 @@ class OccSceneModule(pl.LightningModule):
                 }
             )
         return samples
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the generator's architecture, so that the checkpoint alone rebuilds the model.
+
+        The UNet/VAE/scheduler configs go under
+        :data:`~occscene_pl.checkpoint_architecture.ARCHITECTURE_KEY` as plain values (``weights_only`` loadable);
+        ``validate``/``test``/``predict --ckpt_path`` then build the generator from them instead of the fit-time
+        diffusers folder (see :mod:`occscene_pl.checkpoint_architecture`).
+        """
+        from occscene_pl.checkpoint_architecture import ARCHITECTURE_KEY, model_architecture
+
+        checkpoint[ARCHITECTURE_KEY] = model_architecture(self.generator)

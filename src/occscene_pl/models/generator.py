@@ -402,10 +402,11 @@ class SceneGenerator(nn.Module):
             timesteps: ``(N,)`` timesteps (or a scalar, broadcast).
 
         Returns:
-            ``(N, c, h, w)`` estimate of ``z_0``, in the dtype of ``model_output``.
+            ``(N, c, h, w)`` estimate of ``z_0`` in float32 whatever the inputs' dtype (under bf16 autocast the UNet
+            output is bf16; the estimate is what the perceiver and the generated-image loss read).
         """
         if self.prediction_type == "sample":
-            return model_output
+            return model_output.float()
         timesteps = torch.as_tensor(timesteps, device=noisy.device).reshape(-1).expand(noisy.shape[0])
         a = self.alphas_cumprod(timesteps).reshape(-1, *([1] * (noisy.ndim - 1)))
         sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
@@ -413,7 +414,7 @@ class SceneGenerator(nn.Module):
             x0 = (noisy.float() - sqrt_1ma * model_output.float()) / sqrt_a
         else:
             x0 = sqrt_a * noisy.float() - sqrt_1ma * model_output.float()
-        return x0.to(model_output.dtype)
+        return x0
 
     def forward(
         self,
@@ -456,7 +457,11 @@ class SceneGenerator(nn.Module):
                 "down_block_additional_residuals": tuple(down_residuals),
                 "mid_block_additional_residual": mid_residual,
             }
-        return self.unet(noisy, timesteps, encoder_hidden_states=text_embeddings, return_dict=False, **extra)[0]
+        # float32 latents (see OccSceneModule.noised_latents) meet a half-precision UNet only without autocast.
+        dtype = self.unet.dtype
+        return self.unet(
+            noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype), return_dict=False, **extra
+        )[0]
 
     def residual_spec(self) -> ResidualSpec:
         """The residual layout of this UNet, read off its down blocks (layers per block, downsamplers, widths).

@@ -49,15 +49,19 @@ demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it in 3 stages, 
 	@if [ -z "$(call last_ckpt,2_generation)" ]; then set -x; $(DEMO_FIT) --model.mode generation \
 		--model.init_from "$(call last_ckpt,1_perception)" --trainer.default_root_dir runs/demo/2_generation \
 		--trainer.max_steps 260 --trainer.val_check_interval 260; fi
-	@# Stage 3: OccScene joint training (mutual learning), from stage 2.
+	@# Stage 3: OccScene joint training (mutual learning), from stage 2. The stage-1 perceiver, which never saw a
+	@# generated image, is the frozen judge of generated scenes (consistency_miou) in validation and predict.
 	@if [ -z "$(call last_ckpt,3_joint)" ]; then set -x; $(DEMO_FIT) --model.mode joint \
 		--model.init_from "$(call last_ckpt,2_generation)" --trainer.default_root_dir runs/demo/3_joint \
+		--model.evaluation.judge "$(call last_ckpt,1_perception)" \
 		--trainer.max_steps 15 --trainer.val_check_interval 15; fi
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \
-		--data.prompts configs/demo_prompts.txt
+		--model.evaluation.judge "$(call last_ckpt,1_perception)" --data.prompts configs/demo_prompts.txt
 	$(BIN)/occscene-pl predict --config configs/demo.yaml --ckpt_path "$(call last_ckpt,3_joint)" \
-		--model.sampling.predict_mode layout --data.predict_limit 8
-	@echo "demo: generated scenes in runs/demo/samples/ (image.png, occupancy.png, occupancy.npz, meta.json)"
+		--model.evaluation.judge "$(call last_ckpt,1_perception)" --model.sampling.predict_mode layout \
+		--data.predict_limit 8
+	$(BIN)/python -m occscene_pl.summarize runs/demo/samples
+	@echo "demo: generated scenes in runs/demo/samples/ (image.png, occupancy.png, occupancy.npz, meta.json, summary.json)"
 
 bench: $(STAMP)  ## Run the benchmarks, results as JSON in bench-results/
 	@mkdir -p bench-results

@@ -420,7 +420,7 @@ def test_nuscenes_occupancy_round_trip(tmp_path: Path) -> None:
         meta = json.loads((tmp_path / "predictions" / sample["frame_id"] / "meta.json").read_text())
         export = meta["exports"]["nuscenes_occupancy"]
         assert export["token"] == NuScenesOccupancyExporter.token(sample["frame_id"]) and export["split"] == "val"
-        assert len(export["files"]) == 8 and all((tmp_path / "predictions" / f).is_file() for f in export["files"])
+        assert len(export["files"]) == 16 and all((tmp_path / "predictions" / f).is_file() for f in export["files"])
         item = items[export["token"]]
         np.testing.assert_array_equal(item["occupancy"].numpy(), sample["occupancy"].numpy())
         np.testing.assert_allclose(item["image"], sample["images"], atol=0.5 / 255 + 1e-6)

@@ -35,12 +35,19 @@ from tqdm import tqdm
 
 import occscene_pl
 from occscene_pl.files import atomic_write
-from occscene_pl.native_export import NativeExporter, NuScenesOccupancyExporter, SemanticKittiExporter, png_bytes
+from occscene_pl.native_export import (
+    NativeExporter,
+    NuScenesOccupancyExporter,
+    SemanticKittiExporter,
+    check_image_size,
+    check_split,
+    png_bytes,
+)
 from occscene_pl.render import palette, render_occupancy_figure
 
 __all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]
 
-_EXPORTERS: dict[str, Callable[[Path], NativeExporter]] = {
+_EXPORTERS: dict[str, Callable[..., NativeExporter]] = {
     exporter.name: exporter for exporter in (SemanticKittiExporter, NuScenesOccupancyExporter)
 }
 SUPPORTED_EXPORTS: tuple[str, ...] = tuple(_EXPORTERS)
@@ -122,6 +129,16 @@ class GenerationWriter(BasePredictionWriter):
         export: native dataset layouts to also write, from ``["semantic_kitti", "nuscenes_occupancy"]``
             (:mod:`occscene_pl.native_export`), under ``<output_dir>/<name>/``. ``nuscenes_occupancy`` builds its
             info pickle when predict ends.
+        export_split: the split the exports fill: ``"val"`` (KITTI sequence 08, ``nuscenes_occ_infos_val.pkl``) or
+            ``"train"`` (MonoScene's training sequences, ``nuscenes_occ_infos_train.pkl``) to train on generated
+            data. Samples exported under other options are re-exported (and leave their old place).
+        semantic_kitti_sequences: KITTI sequence numbers to fill, one per distinct camera (e.g. ``["00"]``); each in
+            ``export_split``'s MonoScene sequences or 22..99. ``None``: the split's sequences, then 22..99.
+        semantic_kitti_image_size: ``[W, H]`` of the exported KITTI images; ``[1220, 370]`` is what MonoScene's
+            crop and field-of-view masks assume (the image is scaled to cover it and centre-cropped, the intrinsics
+            in ``calib.txt`` follow). ``None`` keeps the generated size.
+        nuscenes_occupancy_image_size: ``[W, H]`` of the exported nuScenes views, e.g. ``[1600, 900]``; ``None``
+            keeps the generated size.
         overwrite: re-write samples that are already complete.
         class_names: class names, index = train id; sets the picture palette (``palette(len(class_names))``) and is
             stored in ``meta.json`` and ``occupancy.npz``. ``None`` takes the module's ``class_names`` at setup (the
@@ -135,6 +152,10 @@ class GenerationWriter(BasePredictionWriter):
         save_probabilities: bool = False,
         render: bool = True,
         export: Sequence[str] = (),
+        export_split: str = "val",
+        semantic_kitti_sequences: Sequence[str] | None = None,
+        semantic_kitti_image_size: Sequence[int] | None = None,
+        nuscenes_occupancy_image_size: Sequence[int] | None = None,
         overwrite: bool = False,
         class_names: Sequence[str] | None = None,
         progress: bool = True,
@@ -149,6 +170,24 @@ class GenerationWriter(BasePredictionWriter):
         self.save_probabilities = save_probabilities
         self.render = render
         self.export: list[str] = list(dict.fromkeys(export))
+        self.export_split = check_split(export_split, "export_split")
+        kitti_size = check_image_size(semantic_kitti_image_size, "semantic_kitti_image_size")
+        nuscenes_size = check_image_size(nuscenes_occupancy_image_size, "nuscenes_occupancy_image_size")
+        for option, value, name in (
+            ("semantic_kitti_sequences", semantic_kitti_sequences, "semantic_kitti"),
+            ("semantic_kitti_image_size", kitti_size, "semantic_kitti"),
+            ("nuscenes_occupancy_image_size", nuscenes_size, "nuscenes_occupancy"),
+        ):
+            if value is not None and name not in self.export:
+                raise ValueError(f"{option} is set but export {self.export} does not include {name!r}")
+        if isinstance(semantic_kitti_sequences, str | int):
+            semantic_kitti_sequences = [semantic_kitti_sequences]
+        sequences = None if semantic_kitti_sequences is None else list(semantic_kitti_sequences)
+        SemanticKittiExporter.check_sequences(self.export_split, sequences)
+        self._export_options: dict[str, dict[str, Any]] = {
+            "semantic_kitti": {"split": self.export_split, "sequences": sequences, "image_size": kitti_size},
+            "nuscenes_occupancy": {"split": self.export_split, "image_size": nuscenes_size},
+        }
         self.overwrite = overwrite
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.colors = palette(len(self.class_names)) if self.class_names else None
@@ -189,13 +228,16 @@ class GenerationWriter(BasePredictionWriter):
 
     def is_complete(self, frame_id: str) -> bool:
         """Whether ``frame_id`` is on disk: ``meta.json`` readable, every file it lists present, and every export
-        this writer is configured for recorded there (so enabling an export re-writes older samples)."""
+        this writer is configured for recorded there with the same options (split, sequences, image size), so
+        enabling an export or changing its options re-writes older samples."""
         directory = self.sample_dir(frame_id)
         try:
             meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
             files = [directory / name for name in meta["files"]]
             exports = meta.get("exports", {})
             for name in self.export:
+                if not self._exporter(name).matches(exports[name]):
+                    return False
                 files.extend(self.root / path for path in exports[name]["files"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
@@ -361,7 +403,7 @@ class GenerationWriter(BasePredictionWriter):
 
     def _exporter(self, name: str) -> NativeExporter:
         if name not in self._exporters:
-            self._exporters[name] = _EXPORTERS[name](self.root / name)
+            self._exporters[name] = _EXPORTERS[name](self.root / name, **self._export_options[name])
         return self._exporters[name]
 
     def _check_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:

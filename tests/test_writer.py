@@ -540,3 +540,114 @@ def test_class_names_taken_from_the_module(tmp_path: Path) -> None:
     given = GenerationWriter(progress=False, class_names=["a", "b"])
     given.setup(fake_trainer(tmp_path), module, "predict")  # type: ignore[arg-type]
     assert given.class_names == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export options: split, sequences, image size
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"export": ["semantic_kitti"], "export_split": "test"}, "export_split must be one of"),
+        ({"export": ["semantic_kitti"], "export_split": "train", "semantic_kitti_sequences": ["08"]}, "08 belongs"),
+        ({"export": ["semantic_kitti"], "export_split": "val", "semantic_kitti_sequences": ["00"]}, "train split"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_sequences": ["15"]}, "test split"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_sequences": ["x1"]}, "not a sequence number"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_sequences": ["22", "22"]}, "listed twice"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_sequences": []}, "at least one sequence"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_image_size": [1220]}, "semantic_kitti_image_size must be"),
+        ({"export": ["semantic_kitti"], "semantic_kitti_image_size": [0, 370]}, "semantic_kitti_image_size must be"),
+        ({"semantic_kitti_image_size": [1220, 370]}, "semantic_kitti_image_size is set but export"),
+        ({"export": ["semantic_kitti"], "nuscenes_occupancy_image_size": [1600, 900]}, "nuscenes_occupancy_image_size"),
+    ],
+)
+def test_export_option_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GenerationWriter(**kwargs)
+
+
+def test_semantic_kitti_train_split_and_sequences(tmp_path: Path) -> None:
+    """Train exports fill the chosen sequences (one per camera), our reader's train split reads them, and a third
+    camera with only two sequences given is refused naming the option."""
+    w, trainer = ready(tmp_path, export=["semantic_kitti"], export_split="train", semantic_kitti_sequences=["3", "22"])
+    write(w, trainer, [make_sample("a"), make_sample("b", focal_scale=1.5)])
+    root = tmp_path / "predictions" / "semantic_kitti"
+    metas = [json.loads((tmp_path / "predictions" / f / "meta.json").read_text()) for f in "ab"]
+    assert [m["exports"]["semantic_kitti"]["sequence"] for m in metas] == ["03", "22"]
+    assert all(m["exports"]["semantic_kitti"]["split"] == "train" for m in metas)
+    assert len(read_back(root, split="train")) == 1  # 00-07, 09, 10: 03 has the frame, the rest placeholders
+    assert len(read_back(root, split="train", sequences=["22"])) == 1
+    assert not (root / "dataset" / "sequences" / "08").exists()
+    with pytest.raises(ValueError, match=r"sequences=\['03', '22'\].*list more sequences"):
+        write(w, trainer, [make_sample("c", focal_scale=2.0)])
+
+
+def test_changing_export_options_re_exports(tmp_path: Path) -> None:
+    """A sample exported to val is not complete for a train writer: re-written, it leaves sequence 08."""
+    w, trainer = ready(tmp_path, export=["semantic_kitti"])
+    write(w, trainer, [make_sample("a")])
+    root = tmp_path / "predictions" / "semantic_kitti"
+    assert len(read_back(root, split="val")) == 1
+    train, _ = ready(tmp_path, export=["semantic_kitti"], export_split="train")
+    assert not train.is_complete("a") and w.is_complete("a")
+    write(train, trainer, [make_sample("a")])
+    assert train.written == 1 and train.is_complete("a")
+    assert len(read_back(root, split="val")) == 0 and len(read_back(root, split="train")) == 1
+    resized, _ = ready(tmp_path, export=["semantic_kitti"], export_split="train", semantic_kitti_image_size=[80, 40])
+    assert not resized.is_complete("a")
+
+
+def test_semantic_kitti_image_size_round_trip(tmp_path: Path) -> None:
+    """Images resampled to image_size read back through our reader with the adjusted intrinsics."""
+    w, trainer = ready(tmp_path, export=["semantic_kitti"], semantic_kitti_image_size=[80, 40])
+    sample = make_sample("big")
+    write(w, trainer, [sample])
+    export = json.loads((tmp_path / "predictions" / "big" / "meta.json").read_text())["exports"]["semantic_kitti"]
+    assert export["crop_size"] == [80, 40] and export["image_size"] == [80, 40]
+    root = tmp_path / "predictions" / "semantic_kitti"
+    item = next(iter(SemanticKittiDataset(root, split="val", grid_size=GRID, crop_size=(80, 40))))
+    k = sample["intrinsics"][0].double().numpy()  # 40 x 24 -> scale 2 to 80 x 48 -> rows 4..44
+    expected = k.copy()
+    expected[:2, :2] *= 2
+    expected[0, 2], expected[1, 2] = (k[0, 2] + 0.5) * 2 - 0.5, (k[1, 2] + 0.5) * 2 - 0.5 - 4
+    np.testing.assert_allclose(item["intrinsics"][0], expected, rtol=1e-6)
+
+
+def test_nuscenes_split_move_and_placeholders(tmp_path: Path) -> None:
+    """Every peer key is in the info (placeholders for LiDAR-only data); moving a frame to train empties val."""
+    from occscene_pl.native_export import NUSCENES_INFO_KEYS, load_info_pickle
+
+    w, trainer = ready(tmp_path, export=["nuscenes_occupancy"])
+    write(w, trainer, [make_surround_sample("a")])
+    w.finalize()
+    root = tmp_path / "predictions" / "nuscenes_occupancy" / "nuscenes"
+    info = load_info_pickle(root / "nuscenes_occ_infos_val.pkl")["infos"][0]
+    assert set(NUSCENES_INFO_KEYS) <= set(info) and info["sweeps"] == [] and info["can_bus"].shape == (18,)
+    assert info["lidar2ego_rotation"] == [1.0, 0.0, 0.0, 0.0] and info["gt_boxes"].shape == (0, 7)
+    train, _ = ready(tmp_path, export=["nuscenes_occupancy"], export_split="train")
+    assert not train.is_complete("a")
+    write(train, trainer, [make_surround_sample("a")])
+    assert train._exporter("nuscenes_occupancy").finalize() == root / "nuscenes_occ_infos_train.pkl"
+    assert not (root / "nuscenes_occ_infos_val.pkl").exists()
+    assert len(NuScenesOccupancyDataset(root, split="train", grid_size=NU_GRID, crop_box=None)) == 1
+
+
+def test_quaternion_and_restricted_unpickler(tmp_path: Path) -> None:
+    import pickle
+
+    from occscene_pl.native_export import load_info_pickle, quaternion_wxyz
+    from tests.peers.openoccupancy import quaternion_rotation_matrix
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+        q = q * np.sign(np.diag(r))
+        q[:, 0] *= np.sign(np.linalg.det(q))
+        np.testing.assert_allclose(quaternion_rotation_matrix(*quaternion_wxyz(q)), q, atol=1e-12)
+    np.testing.assert_allclose(quaternion_wxyz(np.diag([1.0, -1.0, -1.0])), [0.0, 1.0, 0.0, 0.0], atol=1e-12)
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(SimpleNamespace(a=1)))
+    with pytest.raises(ValueError, match=r"evil\.pkl.*refusing to unpickle types\.SimpleNamespace"):
+        load_info_pickle(evil)

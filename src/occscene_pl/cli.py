@@ -87,7 +87,7 @@ class OccSceneCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         model = self.config[subcommand]["model"]
         for flag in explicit_model_flags(self._command_line):
-            value = model.get(flag) if hasattr(model, "get") else None
+            value: Any = model.get(flag) if hasattr(model, "get") else None
             _set_option(hparams, flag, value.as_dict() if hasattr(value, "as_dict") else value)
         if not hparams:
             return

@@ -13,9 +13,11 @@ from occscene_pl.models.alignment import (
     DeformConv3d,
     MambaDualAlignment,
     depth_bin_centers,
+    depth_bin_edges,
     frustum_grid,
     frustum_points,
     sample_frustum,
+    splat_frustum,
 )
 from occscene_pl.models.generator import ResidualSpec, SceneGenerator
 
@@ -95,6 +97,229 @@ def test_frustum_points_project_back_to_latent_pixel_centres() -> None:
         torch.testing.assert_close(
             pixels[4, 45, 151], centre + torch.tensor([151 * 1220 / 152, 45 * 370 / 46]), atol=1e-3, rtol=0
         )
+
+
+def test_depth_bin_edges_bound_the_centres() -> None:
+    torch.testing.assert_close(depth_bin_edges(4, (1.0, 11.0), "linear_increasing"), torch.tensor([1, 2, 4, 7, 11.0]))
+    edges = depth_bin_edges(3, (2.0, 8.0))
+    torch.testing.assert_close(depth_bin_centers(3, (2.0, 8.0)), 0.5 * (edges[:-1] + edges[1:]))
+
+
+# --- splatting: every in-view voxel centre is averaged into the frustum cell it projects into -------------------
+
+
+def test_two_voxels_in_one_cell_are_averaged() -> None:
+    # Voxels (0, 0, 0) and (1, 0, 0) of a 2 x 1 x 1 grid of 0.5 m from (4, -0.25, -0.25): centres (4.25, 0, 0) and
+    # (4.75, 0, 0), i.e. camera (0, 0, 4.25) and (0, 0, 4.75) for a camera at the origin looking along +x. With
+    # cx = cy = 3 both project to pixel (3, 3) of an 8 x 8 image: latent pixel (0, 0) of 2 x 2 ((3 + 0.5) * 2 / 8
+    # = 0.875), depth bin 1 = [3, 5) of 4 bins over [1, 9]. Every other cell centre lies outside the grid.
+    k = torch.tensor([[8.0, 0.0, 3.0], [0.0, 8.0, 3.0], [0.0, 0.0, 1.0]])
+    probabilities = torch.tensor([[0.2, 0.6], [0.8, 0.4]]).reshape(1, 2, 2, 1, 1).requires_grad_(True)
+    values, weight, count = splat_frustum(
+        probabilities,
+        k[None, None],
+        _rig([0.0, 0.0, 0.0])[None, None],
+        torch.tensor([[4.0, -0.25, -0.25]]),
+        torch.tensor([0.5]),
+        (8, 8),
+        (2, 2),
+        depth_bin_edges(4, (1.0, 9.0)),
+    )
+    assert values.shape == (1, 2, 4, 2, 2) and weight.shape == count.shape == (1, 1, 4, 2, 2)
+    expected = torch.zeros(1, 2, 4, 2, 2)
+    expected[0, :, 1, 0, 0] = torch.tensor([0.4, 0.6])
+    torch.testing.assert_close(values, expected)
+    assert count[0, 0, 1, 0, 0] == 2 and count.sum() == 2
+    assert weight[0, 0, 1, 0, 0] == 1 and weight.sum() == 1
+    values[0, 1, 1, 0, 0].backward()
+    torch.testing.assert_close(probabilities.grad, torch.tensor([[0.0, 0.0], [0.5, 0.5]]).reshape(1, 2, 2, 1, 1))
+
+
+def test_one_occupied_voxel_is_splatted_into_the_hand_computed_frustum_cell() -> None:
+    # The scene of test_one_occupied_voxel_lands_in_the_hand_computed_frustum_cell: voxel (8, 4, 1) projects into
+    # cell (3, 1, 5) of view 0 and (5, 2, 6) of view 1; every other voxel is empty.
+    occupancy = torch.zeros(1, 1, 16, 8, 4)
+    occupancy[0, 0, 8, 4, 1] = 1.0
+    k = torch.tensor([[8.0, 0.0, 15.5], [0.0, 8.0, 7.5], [0.0, 0.0, 1.0]])
+    cams = torch.stack((_rig([3.625, -1.375, 0.25]), _rig([8.375, 1.375, 2.25])))[None]
+    values, _, count = splat_frustum(
+        occupancy,
+        k.expand(1, 2, 3, 3),
+        cams,
+        torch.tensor([0.0, -2.0, -1.0]),
+        0.5,
+        (16, 32),
+        (4, 8),
+        depth_bin_edges(8, (1.0, 9.0)),
+        fill_empty=False,
+    )
+    for view, cell in enumerate([(3, 1, 5), (5, 2, 6)]):
+        n = int(count[view, 0][cell])
+        assert n >= 1
+        expected = torch.zeros(8, 4, 8)
+        expected[cell] = 1.0 / n
+        torch.testing.assert_close(values[view, 0], expected)
+
+
+def _brute_force_cells(
+    k: torch.Tensor,
+    cam: torch.Tensor,
+    origin: list[float],
+    size: float,
+    grid: tuple[int, int, int],
+    image: tuple[int, int],
+    latent: tuple[int, int],
+    edges: torch.Tensor,
+) -> np.ndarray:
+    """Flat cell ``(d * h + i) * w + j`` of every voxel (C order), -1 outside the image / depth range."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid], indexing="ij"), axis=-1).reshape(-1, 3)
+    centres = torch.tensor(np.asarray(origin) + (index + 0.5) * size, dtype=torch.float64)
+    pixels, depth = project_points(centres[None], k[None, None].double(), cam[None, None].double())
+    u, v, z = pixels[0, 0, :, 0].numpy(), pixels[0, 0, :, 1].numpy(), depth[0, 0].numpy()
+    e = edges.double().numpy()
+    inside = (z >= e[0]) & (z < e[-1]) & (u >= -0.5) & (u < image[1] - 0.5) & (v >= -0.5) & (v < image[0] - 0.5)
+    j = np.floor((u + 0.5) * latent[1] / image[1]).astype(np.int64)
+    i = np.floor((v + 0.5) * latent[0] / image[0]).astype(np.int64)
+    d = np.searchsorted(e, z, side="right") - 1
+    return np.where(inside, (d * latent[0] + i) * latent[1] + j, -1)
+
+
+@pytest.mark.parametrize("spacing", ["linear", "linear_increasing"])
+def test_splat_means_match_a_brute_force_average_over_voxel_centres(spacing: str) -> None:
+    # Generic cameras (no voxel centre on a cell boundary), two samples with their own origin and voxel size.
+    torch.manual_seed(0)
+    grid, image, latent = (12, 10, 6), (24, 40), (6, 10)
+    k = torch.tensor([[21.3, 0.0, 19.7], [0.0, 20.9, 11.2], [0.0, 0.0, 1.0]])
+    yaw = torch.tensor(0.13)
+    rotation = torch.tensor([[yaw.cos(), -yaw.sin(), 0.0], [yaw.sin(), yaw.cos(), 0.0], [0.0, 0.0, 1.0]])
+    cams = torch.stack([_rig([0.31, -0.17, 0.23]), _rig([-0.52, 0.11, 0.37])])
+    cams[1, :3, :3] = cams[1, :3, :3] @ rotation
+    origins, sizes = [[0.2, -1.4, -0.7], [0.45, -1.1, -0.9]], [0.25, 0.3]
+    edges = depth_bin_edges(4, (0.8, 4.1), spacing)  # type: ignore[arg-type]
+    probabilities = torch.rand(2, 3, *grid)
+    values, weight, count = splat_frustum(
+        probabilities,
+        k.expand(2, 2, 3, 3),
+        cams.expand(2, 2, 4, 4),
+        torch.tensor(origins),
+        torch.tensor(sizes),
+        image,
+        latent,
+        edges,
+        fill_empty=False,
+    )
+    cells = 4 * latent[0] * latent[1]
+    for b in range(2):
+        for view in range(2):
+            cell = _brute_force_cells(k, cams[view], origins[b], sizes[b], grid, image, latent, edges)
+            seen = cell >= 0
+            assert seen.sum() > 50
+            expected_count = np.bincount(cell[seen], minlength=cells)
+            sums = np.zeros((3, cells))
+            np.add.at(sums.T, cell[seen], probabilities[b].reshape(3, -1).T.numpy()[seen])
+            expected = sums / np.maximum(expected_count, 1)
+            entry = b * 2 + view
+            np.testing.assert_array_equal(count[entry].reshape(-1).numpy(), expected_count)
+            np.testing.assert_allclose(values[entry].reshape(3, -1).numpy(), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(weight[entry].reshape(-1).numpy(), (expected_count > 0).astype(np.float32))
+
+
+def _near_scene() -> dict:
+    """_scene's 8 x 8 x 4 grid of 0.5 m seen from 1 m: near the camera a voxel spans several latent pixels."""
+    scene = _scene(2, 2)
+    return dict(
+        intrinsics=scene["intrinsics"],
+        voxel_to_camera=scene["voxel_to_camera"],
+        voxel_origin=scene["voxel_origin"],
+        voxel_size=scene["voxel_size"],
+        image_size=(32, 32),
+        latent_size=(8, 8),
+    )
+
+
+def test_cells_without_a_voxel_centre_are_point_sampled_like_sample_frustum() -> None:
+    near = _near_scene()
+    probabilities = _scene(2, 2)["occupancy"]
+    edges = depth_bin_edges(4, (1.0, 6.0))
+    values, weight, count = splat_frustum(probabilities, **near, depth_edges=edges)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    cam = (near["intrinsics"], near["voxel_to_camera"], near["image_size"], near["latent_size"])
+    grid = frustum_grid(frustum_points(*cam, centres), near["voxel_origin"], near["voxel_size"], (8, 8, 4))
+    empty = (count == 0).expand_as(values)
+    assert ((count == 0) & (weight > 0)).sum() > 10  # empty cells inside the grid exist and are filled
+    assert (count > 0).sum() > 10
+    torch.testing.assert_close(values[empty], sample_frustum(probabilities, grid)[empty])
+    ones = sample_frustum(torch.ones(2, 1, 8, 8, 4), grid)
+    torch.testing.assert_close(weight[count == 0], ones[count == 0])
+
+
+def test_integer_labels_splat_like_their_one_hot_probabilities() -> None:
+    near = _near_scene()
+    labels = torch.randint(0, NUM_CLASSES, (2, 8, 8, 4), generator=torch.Generator().manual_seed(0))
+    labels[:, 3:5] = 255
+    one_hot = torch.nn.functional.one_hot(labels.clamp(max=NUM_CLASSES - 1), NUM_CLASSES).permute(0, 4, 1, 2, 3)
+    one_hot = one_hot.float() * (labels != 255)[:, None]
+    edges = depth_bin_edges(4, (1.0, 6.0))
+    from_labels = splat_frustum(labels, **near, depth_edges=edges, num_classes=NUM_CLASSES)
+    from_one_hot = splat_frustum(one_hot, **near, depth_edges=edges)
+    for a, b in zip(from_labels, from_one_hot, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="num_classes"):
+        splat_frustum(labels, **near, depth_edges=edges)
+
+
+def test_half_precision_probabilities_are_splatted_in_float32() -> None:
+    near = _near_scene()
+    probabilities = _scene(2, 2)["occupancy"].bfloat16()
+    edges = depth_bin_edges(4, (1.0, 6.0))
+    values, _, _ = splat_frustum(probabilities, **near, depth_edges=edges)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, splat_frustum(probabilities.float(), **near, depth_edges=edges)[0])
+
+
+def test_splat_features_embed_the_mean_of_the_embedded_voxels() -> None:
+    # The aligner embeds the cell means of the class probabilities (bias scaled by the cell weight): the same as
+    # averaging the embedded voxels, and as point-sampling the embedded volume in cells without a voxel centre.
+    spec = ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1)
+    torch.manual_seed(6)
+    mda = _tiny_mda(spec, d_model=8)
+    torch.nn.init.normal_(mda.occupancy_embed.bias)
+    mda.deform_conv = torch.nn.Identity()
+    near = _near_scene()
+    probabilities = _scene(2, 2)["occupancy"]
+    cam = (near["intrinsics"], near["voxel_to_camera"], near["voxel_origin"], near["voxel_size"])
+    with torch.no_grad():
+        modulation = mda.camera_encoder(
+            near["intrinsics"].flatten(0, 1), near["voxel_to_camera"].flatten(0, 1), (32, 32)
+        )
+        features = mda._frustum_features(probabilities, *cam, (32, 32), (8, 8)) / modulation[:, :, None, None, None]
+        embedded = mda.occupancy_embed(probabilities)  # (B, E, X, Y, Z)
+        grid = frustum_grid(frustum_points(*cam[:2], (32, 32), (8, 8), mda.depths), cam[2], cam[3], (8, 8, 4))
+        expected = sample_frustum(embedded, grid)  # (B*V, E, D, h, w)
+    edges = mda.depth_edges.float()
+    for b in range(2):
+        for view in range(2):
+            cell = _brute_force_cells(
+                near["intrinsics"][b, view],
+                near["voxel_to_camera"][b, view],
+                near["voxel_origin"][b].tolist(),
+                float(near["voxel_size"][b]),
+                (8, 8, 4),
+                (32, 32),
+                (8, 8),
+                edges,
+            )
+            flat = expected[b * 2 + view].reshape(mda.embed_dim, -1)
+            voxels = embedded[b].reshape(mda.embed_dim, -1)
+            for c in np.unique(cell[cell >= 0]):
+                flat[:, c] = voxels[:, torch.from_numpy(cell == c)].mean(dim=1)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    point = _tiny_mda(spec, d_model=8, frustum_sampling="point")
+    point.deform_conv = torch.nn.Identity()
+    point.load_state_dict(mda.state_dict())
+    with torch.no_grad():
+        differs = point._frustum_features(probabilities, *cam, (32, 32), (8, 8)) / modulation[:, :, None, None, None]
+    assert not torch.allclose(differs, features)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3])
@@ -226,10 +451,11 @@ def test_residuals_are_zero_at_init_and_leave_the_unet_output_unchanged(unet_and
     assert torch.equal(conditioned.sample, plain)
 
 
-def test_training_makes_residuals_nonzero_and_reaches_every_parameter(unet_and_spec: tuple) -> None:
+@pytest.mark.parametrize("sampling", ["splat", "point"])
+def test_training_makes_residuals_nonzero_and_reaches_every_parameter(unet_and_spec: tuple, sampling: str) -> None:
     unet, spec = unet_and_spec
     torch.manual_seed(2)
-    mda = _tiny_mda(spec)
+    mda = _tiny_mda(spec, frustum_sampling=sampling)
     scene = _scene(2, 1, seed=1)
     latents, text, target = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16), torch.randn(2, 4, 8, 8)
     optimiser = torch.optim.Adam(mda.parameters(), lr=1e-2)
@@ -275,10 +501,11 @@ def test_one_sequence_per_sample_spans_its_views_and_frames(batch: int, views: i
     assert torch.all(per_entry[group:] == 0)  # other samples / clips do not
 
 
-def test_integer_labels_equal_their_one_hot_probabilities() -> None:
+@pytest.mark.parametrize("sampling", ["splat", "point"])
+def test_integer_labels_equal_their_one_hot_probabilities(sampling: str) -> None:
     spec = ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=2)
     torch.manual_seed(4)
-    mda = _tiny_mda(spec, d_model=8)
+    mda = _tiny_mda(spec, d_model=8, frustum_sampling=sampling)
     _randomise_zero_convs(mda)
     scene = _scene(1, 1)
     labels = torch.randint(0, NUM_CLASSES, (1, 8, 8, 4))
@@ -343,6 +570,11 @@ def test_bad_inputs_raise_clear_errors(change: dict, message: str) -> None:
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
         mda(**inputs)
+
+
+def test_constructor_rejects_an_unknown_frustum_sampling() -> None:
+    with pytest.raises(ValueError, match="frustum_sampling"):
+        _tiny_mda(ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1), frustum_sampling="max")
 
 
 def test_constructor_rejects_depth_bins_not_divisible_by_the_patch() -> None:

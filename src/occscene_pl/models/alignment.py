@@ -4,10 +4,29 @@ Our reconstruction of OccScene's MDA module (``reference/paper.md`` §3, §10.4-
 view of a sample:
 
 1. **Occupancy embedding**: a 1x1x1 ``Conv3d`` maps the ``C`` class probabilities of each voxel to ``embed_dim``.
-2. **Frustum resampling** ("interpolation"): every latent pixel (its centre mapped to image pixels through the
-   latent scale ``H / h``) is back-projected at ``depth_bins`` depths with the view's intrinsics and the inverse of
-   ``voxel_to_camera``; the embedded volume is sampled there trilinearly -> ``(embed_dim, D, h, w)``, a
-   pixel-aligned frustum volume whose depth axis is the figure's "Depth Axis".
+2. **Frustum resampling** ("interpolation") into a pixel-aligned frustum volume ``(embed_dim, D, h, w)`` whose
+   depth axis is the figure's "Depth Axis": cell ``(d, i, j)`` is latent pixel ``(i, j)`` (image pixels
+   ``[j W / w, (j + 1) W / w)`` through the latent scale, likewise rows) times depth bin ``d``
+   (:func:`depth_bin_edges`). Two ways to fill it (``frustum_sampling``):
+
+   - ``"splat"`` (default, :func:`splat_frustum`): every voxel centre is projected with the view's intrinsics and
+     ``voxel_to_camera`` and averaged into the cell it falls into (scatter-add of class probabilities and counts,
+     linear in the voxels; the cell of a voxel depends only on the cameras and the grid). Every in-view voxel
+     (centre inside the image, depth inside ``depth_range``) therefore reaches the residuals. Cells that no voxel
+     centre falls into (near the camera one voxel spans several latent pixels; outside the grid) are
+     point-sampled as below, so the volume is complete both near and far. The embedding is linear, so the ``C``
+     class means are embedded per cell instead of embedding the whole grid first (the bias is scaled by the
+     cell's weight: 1 for a mean, the in-grid trilinear weight for a point sample, 0 outside): identical to
+     averaging the embedded voxels, cheaper whenever the frustum is smaller than the grid, and it never
+     materialises the ``(B, embed_dim, X, Y, Z)`` volume. The scatter runs in float32 whatever the input dtype;
+     its memory is ``O(X Y Z)`` scalars per view, projected in chunks, plus one ``(C, in-view voxels)`` gather per
+     sample.
+   - ``"point"``: every latent pixel centre is back-projected at the ``D`` bin-centre depths
+     (:func:`frustum_points`) and the embedded volume is sampled there trilinearly (:func:`sample_frustum`). With
+     bins metres apart against decimetre voxels most voxels are never read (measured: 19 % of the in-view voxels
+     influence the residuals at ``configs/kitti.yaml``, 73 % at NYUv2, 9 % at nuScenes-Occupancy), which the
+     deformable convolution cannot recover.
+
 3. **3D deformable convolution** (pure PyTorch, :class:`DeformConv3d`) over that frustum volume.
 4. **Camera encoding** (dual alignment, part 1): Fourier features of the normalised intrinsics and of the
    extrinsics -> MLP -> a per-view channel modulation ``P_hat`` multiplied in (paper: ``DConv3D(...) * P_hat``).
@@ -40,22 +59,25 @@ __all__ = [
     "DeformConv3d",
     "MambaDualAlignment",
     "depth_bin_centers",
+    "depth_bin_edges",
     "frustum_grid",
     "frustum_points",
     "sample_frustum",
+    "splat_frustum",
 ]
 
 DepthSpacing = Literal["linear", "linear_increasing"]
+FrustumSampling = Literal["splat", "point"]
 
 
-def depth_bin_centers(
+def depth_bin_edges(
     depth_bins: int,
     depth_range: Sequence[float],
     spacing: DepthSpacing = "linear",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Camera-frame depths (z, metres) at which each latent pixel's ray is sampled: the centres of the depth bins.
+    """Camera-frame depths (z, metres) bounding the depth bins: bin ``k`` is ``[edges[k], edges[k + 1])``.
 
     ``"linear"``: ``depth_bins`` equal bins over ``[near, far]``. ``"linear_increasing"`` (LID, as in CaDDN /
     BEVDepth): bin ``k`` is ``k + 1`` times as wide as the first, with edges
@@ -70,7 +92,7 @@ def depth_bin_centers(
         dtype: Output dtype.
 
     Returns:
-        ``(D,)`` increasing depths.
+        ``(D + 1,)`` increasing depths from ``near`` to ``far``.
     """
     near, far = float(depth_range[0]), float(depth_range[1])
     if depth_bins < 1:
@@ -84,6 +106,31 @@ def depth_bin_centers(
         edges = near + (far - near) * k * (k + 1) / (depth_bins * (depth_bins + 1))
     else:
         raise ValueError(f"depth spacing must be 'linear' or 'linear_increasing', got {spacing!r}")
+    return edges.to(device=device, dtype=dtype)
+
+
+def depth_bin_centers(
+    depth_bins: int,
+    depth_range: Sequence[float],
+    spacing: DepthSpacing = "linear",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Camera-frame depths (z, metres) at which each latent pixel's ray is sampled: the centres of the depth bins.
+
+    The bins are those of :func:`depth_bin_edges` (same arguments).
+
+    Args:
+        depth_bins: Number of bins ``D``.
+        depth_range: ``(near, far)`` with ``0 < near < far``.
+        spacing: ``"linear"`` or ``"linear_increasing"``.
+        device: Output device.
+        dtype: Output dtype.
+
+    Returns:
+        ``(D,)`` increasing depths.
+    """
+    edges = depth_bin_edges(depth_bins, depth_range, spacing, dtype=torch.float64)
     return (0.5 * (edges[:-1] + edges[1:])).to(device=device, dtype=dtype)
 
 
@@ -183,6 +230,216 @@ def sample_frustum(volume: Tensor, grid: Tensor) -> Tensor:
     )  # (B, C, V * D, h, w)
     c = volume.shape[1]
     return out.reshape(b, c, v, d, h, w).transpose(1, 2).reshape(b * v, c, d, h, w)
+
+
+# Voxels projected at once by _view_cells: cache-sized temporaries on CPU, few synchronising nonzero() on GPU.
+_SPLAT_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 23}
+
+
+def _per_sample(value: Tensor, batch: int, width: int) -> Tensor:
+    """``(B, width)`` float64 from a scalar, ``(width,)``, ``(B,)`` or ``(B, width)`` tensor."""
+    value = value.to(torch.float64)
+    if value.dim() == 2:
+        return value.expand(batch, width)
+    return value.reshape(-1, 1).expand(batch, width) if width == 1 else value.reshape(1, width).expand(batch, width)
+
+
+def _view_cells(
+    intrinsics: Tensor,
+    voxel_to_camera: Tensor,
+    origin: Tensor,
+    size: Tensor,
+    grid_size: Sequence[int],
+    image_size: Sequence[int],
+    latent_size: Sequence[int],
+    depth_edges: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Flat voxel index and flat frustum cell ``(d * h + i) * w + j`` of every in-view voxel centre of one view.
+
+    In view: the centre projects inside the image (pixel centres at integer coordinates, so ``u`` in
+    ``[-0.5, W - 0.5)``) at a camera depth in ``[depth_edges[0], depth_edges[-1])``. Projection as
+    :func:`occscene_pl.geometry.project_points` (``u = fx x / z + cx``). The camera coordinates are sums of three
+    per-axis terms (computed in float64), so only ``O(X Y Z)`` float32 scalars are materialised, never ``(N, 3)``.
+    """
+    height, width = (int(s) for s in image_size)
+    h, w = (int(s) for s in latent_size)
+    device = intrinsics.device
+    t = voxel_to_camera.to(torch.float64)
+    axes = [
+        origin[a] + (torch.arange(int(n), device=device, dtype=torch.float64) + 0.5) * size
+        for a, n in enumerate(grid_size)
+    ]
+    # terms[row][a]: contribution of voxel axis a to camera coordinate `row` (translation folded into the z term).
+    terms = [[(t[row, a] * axes[a] + (t[row, 3] if a == 2 else 0.0)).float() for a in range(3)] for row in range(3)]
+    k = intrinsics.to(torch.float64).cpu()
+    fx, fy, cx, cy = (float(k[i, j]) for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    edges = depth_edges.to(torch.float64).cpu()
+    near, far = float(edges[0]), float(edges[-1])
+    inner = edges[1:-1].to(device=device, dtype=torch.float32)
+    nx, ny, nz = (int(n) for n in grid_size)
+    step = max(
+        1, _SPLAT_CHUNK.get(device.type, 1 << 20) // (ny * nz)
+    )  # x-slices per chunk: cache-sized temporaries, bounded memory
+    voxels, cells = [], []
+    for start in range(0, nx, step):
+        stop = min(nx, start + step)
+
+        def camera(row: int, start: int = start, stop: int = stop) -> Tensor:  # (x, Y, Z) float32
+            x, y, z = terms[row]
+            return (x[start:stop, None, None] + y[None, :, None]) + z[None, None, :]
+
+        depth = camera(2)
+        inside = (depth >= near) & (depth < far)
+        u = camera(0).div_(depth).mul_(fx).add_(cx)  # inf / nan where depth == 0: outside [near, far) anyway
+        inside &= (u >= -0.5) & (u < width - 0.5)
+        v = camera(1).div_(depth).mul_(fy).add_(cy)
+        inside &= (v >= -0.5) & (v < height - 0.5)
+        voxel = inside.flatten().nonzero().squeeze(1)
+        u, v, depth = u.flatten()[voxel], v.flatten()[voxel], depth.flatten()[voxel]
+        col = ((u + 0.5) * (w / width)).floor_().long().clamp_(0, w - 1)
+        row = ((v + 0.5) * (h / height)).floor_().long().clamp_(0, h - 1)
+        bins = torch.bucketize(depth, inner, right=True).clamp_(max=inner.numel())
+        voxels.append(voxel + start * ny * nz)
+        cells.append((bins * h + row) * w + col)
+    return torch.cat(voxels), torch.cat(cells)
+
+
+def _trilinear_taps(points: Tensor, origin: Tensor, size: Tensor, grid_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Flat voxel indices ``(P, 8)`` and weights ``(P, 8)`` of trilinear interpolation at ``(P, 3)`` points.
+
+    The same interpolation as ``grid_sample(..., align_corners=False, padding_mode="zeros")`` on
+    :func:`frustum_grid` coordinates: voxel centres sit at integer voxel coordinates and corners outside the grid
+    get weight 0 (their index is clamped into the grid).
+    """
+    coord = (points.to(torch.float64) - origin) / size - 0.5  # (P, 3) voxel coordinates
+    low = coord.floor()
+    frac = (coord - low).float()
+    low_i = low.long()
+    dims = [int(n) for n in grid_size]
+    indices, weights = [], []
+    for corner in range(8):
+        offset = [(corner >> (2 - a)) & 1 for a in range(3)]
+        flat = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+        weight = torch.ones(points.shape[0], dtype=torch.float32, device=points.device)
+        for a in range(3):
+            index = low_i[:, a] + offset[a]
+            valid = (index >= 0) & (index < dims[a])
+            weight = weight * (frac[:, a] if offset[a] else 1.0 - frac[:, a]) * valid
+            flat = flat * dims[a] + index.clamp(0, dims[a] - 1)
+        indices.append(flat)
+        weights.append(weight)
+    return torch.stack(indices, dim=1), torch.stack(weights, dim=1)
+
+
+def splat_frustum(
+    occupancy: Tensor,
+    intrinsics: Tensor,
+    voxel_to_camera: Tensor,
+    voxel_origin: Tensor,
+    voxel_size: Tensor | float,
+    image_size: Sequence[int],
+    latent_size: Sequence[int],
+    depth_edges: Tensor,
+    num_classes: int | None = None,
+    fill_empty: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Average the class probabilities of the voxel centres falling into every frustum cell of every view.
+
+    Cell ``(d, i, j)`` of a view is latent pixel ``(i, j)`` (image pixels ``[j W / w, (j + 1) W / w)``, likewise
+    rows) times depth bin ``d`` (``[depth_edges[d], depth_edges[d + 1])``). Every voxel whose centre projects into
+    the image at a depth inside ``[depth_edges[0], depth_edges[-1])`` lands in exactly one cell per view (a
+    scatter-add of probabilities and counts), so every in-view voxel reaches the output. Cells that no voxel centre
+    falls into (near the camera, where one voxel spans several latent pixels, or outside the grid) take with
+    ``fill_empty`` the trilinear sample of the grid at the cell centre (latent pixel centre, bin centre), exactly
+    what :func:`sample_frustum` reads there (zeros outside the grid). Differentiable w.r.t. float ``occupancy``;
+    computed in float32 (float64 geometry) whatever the input dtype.
+
+    Args:
+        occupancy: ``(B, C, X, Y, Z)`` class probabilities, or ``(B, X, Y, Z)`` integer labels (with
+            ``num_classes``; labels outside ``[0, num_classes)``, e.g. 255, count as all-zero probabilities).
+        intrinsics: ``(B, V, 3, 3)`` at ``image_size``.
+        voxel_to_camera: ``(B, V, 4, 4)``.
+        voxel_origin: ``(B, 3)`` or ``(3,)`` corner of voxel ``[0, 0, 0]``.
+        voxel_size: scalar, ``()`` or ``(B,)``.
+        image_size: ``(H, W)`` the intrinsics refer to.
+        latent_size: ``(h, w)``.
+        depth_edges: ``(D + 1,)`` increasing camera depths, e.g. :func:`depth_bin_edges`.
+        num_classes: ``C`` for integer labels (ignored for probabilities).
+        fill_empty: Fill cells without a voxel centre by trilinear sampling (else they stay zero).
+
+    Returns:
+        ``(values, weight, count)``, view-major inside a sample (index ``b * V + v``): ``values``
+        ``(B * V, C, D, h, w)`` float32 cell means (or samples); ``weight`` ``(B * V, 1, D, h, w)`` float32, the
+        weight a constant field of ones would get (1 in splatted cells, the in-grid trilinear weight in filled ones,
+        0 elsewhere: what the bias of a linear embedding of ``values`` must be multiplied by to equal embedding
+        first); ``count`` ``(B * V, 1, D, h, w)`` int64 voxel centres per cell.
+    """
+    labels = not occupancy.is_floating_point()
+    if labels and num_classes is None:
+        raise ValueError("splat_frustum: num_classes is required for integer label occupancy")
+    batch, views = intrinsics.shape[:2]
+    grid_size = tuple(int(s) for s in occupancy.shape[-3:])
+    channels = int(num_classes) if labels else int(occupancy.shape[1])  # type: ignore[arg-type]
+    h, w = (int(s) for s in latent_size)
+    bins = depth_edges.numel() - 1
+    cells = bins * h * w
+    device = occupancy.device
+    origins = _per_sample(torch.as_tensor(voxel_origin, device=device), batch, 3)
+    sizes = _per_sample(torch.as_tensor(voxel_size, device=device), batch, 1)[:, 0]
+    edges64 = depth_edges.to(device=device, dtype=torch.float64)
+    centres = 0.5 * (edges64[:-1] + edges64[1:])
+    points = frustum_points(
+        intrinsics.to(torch.float64), voxel_to_camera.to(torch.float64), image_size, latent_size, centres
+    ).reshape(batch, views, cells, 3)
+    values, weights, counts = [], [], []
+    for b in range(batch):
+        # All views of a sample at once: one gather (hence one dense gradient in backward) per sample.
+        voxel_list, cell_list = [], []
+        for view in range(views):
+            voxel, cell = _view_cells(
+                intrinsics[b, view],
+                voxel_to_camera[b, view],
+                origins[b],
+                sizes[b],
+                grid_size,
+                image_size,
+                latent_size,
+                edges64,
+            )
+            voxel_list.append(voxel)
+            cell_list.append(cell + view * cells)
+        voxel, cell = torch.cat(voxel_list), torch.cat(cell_list)
+        count = torch.bincount(cell, minlength=views * cells)
+        weight = (count > 0).float()
+        empty = (count == 0).nonzero().squeeze(1) if fill_empty else count.new_zeros(0)
+        taps, tap_weight = _trilinear_taps(points[b].reshape(-1, 3)[empty], origins[b], sizes[b], grid_size)
+        weight = weight.index_add(0, empty, tap_weight.sum(dim=1))
+        flat = occupancy[b].reshape(-1) if labels else occupancy[b].reshape(channels, -1)
+        if labels:
+            label = flat[voxel].long()
+            keep = (label >= 0) & (label < channels)
+            sums = torch.bincount(cell[keep] * channels + label[keep], minlength=views * cells * channels)
+            sums = sums.reshape(views * cells, channels).T.float()
+            tap_label = flat[taps].long()  # (P, 8)
+            one_hot = F.one_hot(tap_label.clamp(0, channels - 1), channels).float()
+            one_hot = one_hot * ((tap_label >= 0) & (tap_label < channels))[..., None]
+            sampled = (one_hot * tap_weight[..., None]).sum(dim=1).T  # elementwise: float32 under autocast too
+        else:
+            gathered = flat.index_select(1, torch.cat((voxel, taps.flatten()))).float()  # float32 whatever the input
+            sums = gathered.new_zeros(channels, views * cells).index_add_(1, cell, gathered[:, : voxel.numel()])
+            tap_values = gathered[:, voxel.numel() :].reshape(channels, -1, 8)
+            sampled = (tap_values * tap_weight).sum(dim=-1)  # (C, P)
+        # Empty cells have a zero sum and count: adding the sample there and dividing by max(count, 1) fills them.
+        mean = sums.index_add(1, empty, sampled) / count.clamp(min=1).float()
+        values.append(mean.reshape(channels, views, cells).transpose(0, 1))
+        weights.append(weight.reshape(views, 1, cells))
+        counts.append(count.reshape(views, 1, cells))
+    shape = (batch * views, -1, bins, h, w)
+    return (
+        torch.cat(values).reshape(shape),
+        torch.cat(weights).reshape(shape),
+        torch.cat(counts).reshape(shape),
+    )
 
 
 class DeformConv3d(nn.Module):
@@ -375,9 +632,14 @@ class MambaDualAlignment(nn.Module):
         latent_fusion: Add the patch-embedded noisy latent to the occupancy tokens.
         depth_reduction: ``"attention"`` (softmax over depth tokens of a learned score) or ``"mean"``.
         gradient_checkpointing: Recompute the deformable-conv taps and each Mamba block in backward (memory).
+        frustum_sampling: How the frustum volume reads the occupancy (module docstring, step 2): ``"splat"``
+            (default) averages every voxel centre into the cell it projects into and point-samples only the cells
+            no centre falls into; ``"point"`` is plain trilinear point sampling at the cell centres, which skips
+            most voxels far from the camera.
     """
 
     depths: Tensor
+    depth_edges: Tensor
 
     def __init__(
         self,
@@ -401,6 +663,7 @@ class MambaDualAlignment(nn.Module):
         latent_fusion: bool = True,
         depth_reduction: Literal["attention", "mean"] = "attention",
         gradient_checkpointing: bool = False,
+        frustum_sampling: FrustumSampling = "splat",
     ) -> None:
         super().__init__()
         if isinstance(residual_spec, Mapping):
@@ -416,6 +679,8 @@ class MambaDualAlignment(nn.Module):
             raise ValueError(f"deform_kernel_size must be odd and positive, got {deform_kernel_size}")
         if depth_reduction not in ("attention", "mean"):
             raise ValueError(f"depth_reduction must be 'attention' or 'mean', got {depth_reduction!r}")
+        if frustum_sampling not in ("splat", "point"):
+            raise ValueError(f"frustum_sampling must be 'splat' or 'point', got {frustum_sampling!r}")
         self.num_classes = num_classes
         self.residual_spec = residual_spec
         self.latent_channels = latent_channels
@@ -424,8 +689,14 @@ class MambaDualAlignment(nn.Module):
         self.depth_range = (float(depth_range[0]), float(depth_range[1]))
         self.patch_size = patch
         self.depth_reduction = depth_reduction
+        self.frustum_sampling = frustum_sampling
         self.d_model = int(d_model or residual_spec.channels[0])
         self.register_buffer("depths", depth_bin_centers(depth_bins, self.depth_range, depth_spacing), persistent=False)
+        self.register_buffer(
+            "depth_edges",
+            depth_bin_edges(depth_bins, self.depth_range, depth_spacing, dtype=torch.float64),
+            persistent=False,
+        )
 
         self.occupancy_embed = nn.Conv3d(num_classes, embed_dim, 1)
         self.deform_conv: nn.Module = (
@@ -530,10 +801,30 @@ class MambaDualAlignment(nn.Module):
         latent_size: Sequence[int],
     ) -> Tensor:
         dtype = self.occupancy_embed.weight.dtype
-        volume = self.occupancy_embed(self._occupancy_probabilities(occupancy, dtype))  # (B, E, X, Y, Z)
-        points = frustum_points(intrinsics.float(), voxel_to_camera.float(), image_size, latent_size, self.depths)
-        grid = frustum_grid(points, voxel_origin, voxel_size, volume.shape[-3:])
-        frustum = self.deform_conv(sample_frustum(volume, grid))  # (B*V, E, D, h, w)
+        if self.frustum_sampling == "splat":
+            # The 1x1x1 embedding is linear: embed the (C-channel) cell means instead of the (E-channel) volume; the
+            # bias scales with the weight a field of ones gets, so this equals averaging the embedded volume.
+            values, weight, _ = splat_frustum(
+                occupancy,
+                intrinsics,
+                voxel_to_camera,
+                voxel_origin,
+                voxel_size,
+                image_size,
+                latent_size,
+                self.depth_edges,
+                self.num_classes,
+            )
+            embed = self.occupancy_embed
+            sampled = F.conv3d(values.to(dtype), embed.weight)
+            if embed.bias is not None:
+                sampled = sampled + embed.bias.reshape(1, -1, 1, 1, 1) * weight.to(sampled.dtype)
+        else:
+            volume = self.occupancy_embed(self._occupancy_probabilities(occupancy, dtype))  # (B, E, X, Y, Z)
+            points = frustum_points(intrinsics.float(), voxel_to_camera.float(), image_size, latent_size, self.depths)
+            grid = frustum_grid(points, voxel_origin, voxel_size, volume.shape[-3:])
+            sampled = sample_frustum(volume, grid)
+        frustum = self.deform_conv(sampled)  # (B*V, E, D, h, w)
         camera = self.camera_encoder(intrinsics.flatten(0, 1), voxel_to_camera.flatten(0, 1), image_size)
         return frustum * camera[:, :, None, None, None].to(frustum.dtype)
 

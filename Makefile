@@ -45,7 +45,7 @@ demo: $(STAMP)  ## Generate the demo dataset, train OccScene on it in 3 stages, 
 	@# Stage 1: the perceiver alone (paper: a pre-trained perception model). Stages are skipped when already trained.
 	@if [ -z "$(call last_ckpt,1_perception)" ]; then set -x; $(DEMO_FIT) --model.mode perception \
 		--trainer.default_root_dir runs/demo/1_perception --trainer.max_steps 100 --trainer.val_check_interval 100; fi
-	@# Stage 2: UNet + MDA on ground-truth layouts, perceiver frozen (paper.md §10.7 stage 1 of the generator).
+	@# Stage 2: UNet + MDA on ground-truth layouts, perceiver frozen (docs/design.md §2.2: stage 1 of the generator).
 	@if [ -z "$(call last_ckpt,2_generation)" ]; then set -x; $(DEMO_FIT) --model.mode generation \
 		--model.init_from "$(call last_ckpt,1_perception)" --trainer.default_root_dir runs/demo/2_generation \
 		--trainer.max_steps 260 --trainer.val_check_interval 260; fi

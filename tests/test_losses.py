@@ -91,7 +91,7 @@ def reference_frustum_loss(pred: torch.Tensor, target: torch.Tensor, masks: torc
 
 
 def reference_cp_mega_matrix(target: np.ndarray, n_relations: int) -> np.ndarray:
-    """MonoScene's ``compute_CP_mega_matrix`` loop (datasets.md §1.10)."""
+    """MonoScene's ``compute_CP_mega_matrix`` loop (``docs/design.md`` §7.2)."""
     label_row = target.reshape(-1)
     s = [n // 2 for n in target.shape]
     matrix = np.zeros((n_relations, label_row.size, s[0] * s[1] * s[2]), dtype=np.uint8)

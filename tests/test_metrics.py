@@ -15,7 +15,7 @@ from occscene_pl.metrics import SSCMetric
 
 
 def monoscene_ssc_metrics(preds: np.ndarray, targets: np.ndarray, n_classes: int) -> dict[str, object]:
-    """Port of monoscene/loss/sscMetrics.py (add_batch + get_stats), batch by batch, as datasets.md §4.1."""
+    """Port of monoscene/loss/sscMetrics.py (add_batch + get_stats), batch by batch, as in docs/design.md §7.3."""
     c_tp = c_fp = c_fn = 0
     tps, fps, fns = np.zeros(n_classes), np.zeros(n_classes), np.zeros(n_classes)
     for pred, gt in zip(preds, targets, strict=True):

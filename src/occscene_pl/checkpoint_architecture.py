@@ -132,8 +132,8 @@ def self_contained_model_config(
     Every weights file is dropped (``text_encoder.pretrained``, ``perceiver.pretrained``, ``init_from``: the
     checkpoint overwrites those weights). The evaluation instruments ``evaluation.inception_weights`` and
     ``evaluation.judge`` are not in the checkpoint: a present file is kept, a missing one is dropped with a warning
-    (FID/KID, or the judge's scores, are then skipped; the checkpoint's hyper-parameters override the command line,
-    so the path could not be corrected there). With ``architecture``
+    (FID/KID, or the judge's scores, are then skipped; an explicit ``--model.evaluation.*`` flag names a file on this
+    machine). With ``architecture``
     the generator is built from its configs (``pretrained`` None, ``unet``/``vae``/``scheduler`` from the
     checkpoint); without it (an older checkpoint) the generator still needs its ``pretrained`` folder.
 

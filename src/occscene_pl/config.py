@@ -19,7 +19,7 @@ PredictMode = Literal["auto", "text", "layout"]
 
 @dataclass
 class LossConfig:
-    """Weights of the joint objective (DESIGN §2); a weight of 0 skips the term's computation.
+    """Weights of the joint objective (``docs/design.md`` §2.3); a weight of 0 skips the term's computation.
 
     ``loss = diffusion * L_diff + generated_ssc * g(t) * L_ssc(perceiver(decode(x0_hat))) + real_ssc * L_ssc(
     perceiver(image))`` where each ``L_ssc`` is MonoScene's sum ``ce * CE + sem_scal * ... + relation * ...``.
@@ -63,7 +63,7 @@ class OptimizerConfig:
     """AdamW with one learning rate per part and a linear warm-up."""
 
     lr_unet: float = 1.0e-5
-    """UNet (paper.md §10.7: 1e-5 when fine-tuning Stable Diffusion)."""
+    """UNet (``docs/design.md`` §2.2: 1e-5 when fine-tuning Stable Diffusion)."""
     lr_aligner: float = 1.0e-4
     """MambaDualAlignment (new, zero-initialised)."""
     lr_perceiver: float = 1.0e-4
@@ -85,7 +85,7 @@ class OptimizerConfig:
 
 @dataclass
 class SamplingConfig:
-    """The sampling loop of DESIGN §3 (validation, test and predict)."""
+    """The sampling loop of ``docs/design.md`` §3 (validation, test and predict)."""
 
     num_inference_steps: int = 50
     """Denoising steps of the sampler (``model.generator.sampler``: DDIM, DPM-Solver++, ...)."""

@@ -1,4 +1,4 @@
-"""Generation metrics: FID, KID and occupancy consistency (``DESIGN.md`` §4, "generation metrics").
+"""Generation metrics: FID, KID and occupancy consistency (``docs/design.md`` §7.4).
 
 :class:`GenerationMetrics` gathers, over a whole validation/test epoch,
 

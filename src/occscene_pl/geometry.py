@@ -1,10 +1,10 @@
 """Voxel <-> camera geometry shared by the datasets, the perceiver and the aligner.
 
-Conventions (DESIGN §5): a voxel grid of shape ``(X, Y, Z)`` is placed in a metric "voxel frame" by its
+Conventions (``docs/design.md`` §5): a voxel grid of shape ``(X, Y, Z)`` is placed in a metric "voxel frame" by its
 ``voxel_origin`` (the corner of voxel ``[0, 0, 0]``) and an isotropic ``voxel_size``; ``voxel_to_camera`` maps
 voxel-frame points into a pinhole camera (x right, y down, z forward) whose ``intrinsics`` are expressed in pixel
 indices (pixel centres at integer coordinates). Projections reproduce MonoScene's ``vox2pix``
-(``reference/datasets.md`` §1.7): voxel centres, half-to-even rounding, strict ``0 <= u < W``, ``0 <= v < H``,
+(``docs/design.md`` §5.2): voxel centres, half-to-even rounding, strict ``0 <= u < W``, ``0 <= v < H``,
 ``z > 0``; exactly, up to float32 ties at half pixels (a few voxels in a million may round the other way).
 """
 

@@ -1,4 +1,4 @@
-"""Losses: MonoScene's SSC losses (``reference/datasets.md`` §5.2) and the diffusion MSE.
+"""Losses: MonoScene's SSC losses (``docs/design.md`` §7.2) and the diffusion MSE.
 
 Every SSC loss matches MonoScene's definition (``monoscene/loss/ssc_loss.py``, ``CRP_loss.py`` and the frustum term of
 ``monoscene.py::step``) and is vectorised. Where MonoScene would divide by zero (no valid voxel, no present class, no
@@ -152,7 +152,7 @@ def frustum_masks(
     grid_size: Sequence[int],
     frustum_size: int = 8,
 ) -> Tensor:
-    """Local frustum masks of MonoScene's ``compute_local_frustums`` (``reference/datasets.md`` §1.9), batched.
+    """Local frustum masks of MonoScene's ``compute_local_frustums`` (``docs/design.md`` §7.2), batched.
 
     The image is cut into ``frustum_size`` equal row bands x ``frustum_size`` equal column bands (float bounds
     ``i / frustum_size * W``); frustum ``f = row * frustum_size + col`` holds the voxels whose rounded projection
@@ -328,7 +328,7 @@ def frustum_proportion_loss(
 
 
 def downsample_labels(target: Tensor, factor: int, ignore_index: int = 255) -> Tensor:
-    """MonoScene's ``_downsample_label`` (``reference/datasets.md`` §1.8), batched.
+    """MonoScene's ``_downsample_label`` (``docs/design.md`` §8.4), batched.
 
     Per ``factor``-cube block of ``n = factor**3`` voxels: if empty + ignored voxels exceed ``0.95 n`` the block is 0
     when empty voxels outnumber ignored ones, else ``ignore_index`` (ties -> ignore); otherwise it is the most frequent
@@ -363,7 +363,7 @@ def downsample_labels(target: Tensor, factor: int, ignore_index: int = 255) -> T
 
 
 def relation_targets(target_low: Tensor, n_relations: int = 4, ignore_index: int = 255) -> Tensor:
-    """MonoScene's CP mega matrices (``compute_CP_mega_matrix``, ``reference/datasets.md`` §1.10), batched.
+    """MonoScene's CP mega matrices (``compute_CP_mega_matrix``, ``docs/design.md`` §7.2), batched.
 
     Supervoxels are the ``2 x 2 x 2`` blocks of the low-resolution target (``S = shape // 2`` per axis, flattened in C
     order). Entry ``[r, n, s]`` is 1 when some non-ignored child label ``lc`` of supervoxel ``s`` and the non-ignored

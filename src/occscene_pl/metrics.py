@@ -1,4 +1,4 @@
-"""Semantic scene completion metrics (``reference/datasets.md`` §4).
+"""Semantic scene completion metrics (``docs/design.md`` §7.3).
 
 :class:`SSCMetric` keeps one dataset-wide confusion matrix ``conf[gt, pred]`` over every voxel whose ground truth is
 not ``ignore_index`` (empty voxels included). Under DDP torchmetrics all-reduces the matrix (a sum), never per-rank

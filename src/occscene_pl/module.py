@@ -1,4 +1,4 @@
-"""``OccSceneModule``: the one LightningModule of occscene-pl (DESIGN §2, §3, §6).
+"""``OccSceneModule``: the one LightningModule of occscene-pl (``docs/design.md`` §2, §3, §9).
 
 It wraps the four networks: :class:`~occscene_pl.models.SceneGenerator` (diffusers UNet, optional VAE, schedulers),
 :class:`~occscene_pl.models.TextEncoder` (open_clip, frozen), :class:`~occscene_pl.models.MambaDualAlignment`
@@ -77,7 +77,7 @@ class OccSceneModule(pl.LightningModule):
         grid_size: ``(X, Y, Z)`` of the dataset's occupancy; linked from the DataModule.
         class_names: Linked from the DataModule (names the per-class IoU logs).
         class_weights: CE class weights by train id; linked from the DataModule (MonoScene / OpenOccupancy values).
-        mode: ``perception``, ``generation`` or ``joint`` (DESIGN §2).
+        mode: ``perception``, ``generation`` or ``joint`` (``docs/design.md`` §2.2).
         generator: :class:`~occscene_pl.models.SceneGenerator` arguments (``pretrained`` folder or ``unet``/``vae``
             configs, ``scheduler``, ``sampler``, ...). Unused in ``perception`` mode.
         text_encoder: :class:`~occscene_pl.models.TextEncoder` arguments; its width must equal the UNet's

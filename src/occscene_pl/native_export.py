@@ -1,4 +1,4 @@
-"""Native dataset layouts for generated samples, so they drop straight into perception training (DESIGN §6).
+"""Native dataset layouts for generated samples, so they drop into perception training (``docs/design.md`` §9.2).
 
 Both exporters take a ``split`` (``"train"`` to augment a training set, ``"val"`` to evaluate on generated data) and an
 ``image_size``: the generated views are resampled to the size the peer codebase expects (uniform scale to cover it,

@@ -1,4 +1,4 @@
-"""The OccScene sampling loop (DESIGN §3): text (+ camera) -> images and their semantic occupancy.
+"""The OccScene sampling loop (``docs/design.md`` §3): text (+ camera) -> images and their semantic occupancy.
 
 Text-only mode starts without any occupancy; every ``occupancy_refresh`` steps the perceiver looks at the decoded
 one-step estimate ``decode(x0_hat)`` and its class probabilities become the MambaDualAlignment condition of the

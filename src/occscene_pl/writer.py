@@ -1,4 +1,4 @@
-"""The predict-time writer of generated samples (DESIGN §6).
+"""The predict-time writer of generated samples (``docs/design.md`` §9.1).
 
 Every sample of ``predict_step``'s output (a list of per-sample dicts, see :meth:`GenerationWriter.write_sample`)
 becomes a folder ``<output_dir>/<frame_id>/``::

@@ -78,7 +78,7 @@ def test_class_table_and_weights() -> None:
     assert NUSCENES_OCCUPANCY_CLASSES[0] == "empty" and NUSCENES_OCCUPANCY_CLASSES[16] == "vegetation"
     weights = class_weights()
     assert weights.shape == (17,)
-    # datasets.md §3.4: 1 / ln(frequency + 0.001)
+    # docs/design.md §8.3: 1 / ln(frequency + 0.001)
     np.testing.assert_allclose(weights[[0, 2, 11, 16]], [0.035163, 0.070122, 0.046433, 0.047019], atol=1e-6)
 
 

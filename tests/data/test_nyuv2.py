@@ -45,7 +45,7 @@ REAL_GRID = (60, 60, 36)
 
 
 def monoscene_downsample(label: np.ndarray, ds: int) -> np.ndarray:
-    """MonoScene's ``_downsample_label``, block by block (datasets.md §1.8), as the brute-force reference."""
+    """MonoScene's ``_downsample_label``, block by block (``docs/design.md`` §8.4), as the brute-force reference."""
     small = tuple(s // ds for s in label.shape)
     out = np.zeros(small, dtype=np.uint8)
     for x, y, z in np.ndindex(*small):

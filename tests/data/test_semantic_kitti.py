@@ -86,10 +86,10 @@ def test_class_constants_match_monoscene() -> None:
     assert SEMANTIC_KITTI_CLASSES[8] == "motorcyclist" and SEMANTIC_KITTI_CLASSES[13] == "building"
     weights = class_weights()
     assert weights.shape == (20,)
-    # datasets.md §1.5, rounded to 6 d.p.
+    # docs/design.md §8.1, rounded to 6 d.p.
     for index, value in [(0, 0.044617), (1, 0.060334), (8, 0.081769), (15, 0.052964), (19, 0.078620)]:
         assert round(float(weights[index]), 6) == value
-    inverse = [0, 10, 11, 15, 18, 20, 30, 31, 32, 40, 44, 48, 49, 50, 51, 70, 71, 72, 80, 81]  # datasets.md §1.4
+    inverse = [0, 10, 11, 15, 18, 20, 30, 31, 32, 40, 44, 48, 49, 50, 51, 70, 71, 72, 80, 81]  # docs/design.md §8.1
     assert list(LEARNING_MAP_INV) == list(range(20)) and list(LEARNING_MAP_INV.values()) == inverse
     assert len(LEARNING_MAP) == 34 and LEARNING_MAP[13] == 5 and LEARNING_MAP[258] == 4
 

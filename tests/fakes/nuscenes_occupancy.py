@@ -1,6 +1,6 @@
 """Write a fake nuScenes-Occupancy (OpenOccupancy v0.1) dataset in the real on-disk format.
 
-What is written (``reference/datasets.md`` §3.1, §3.5)::
+What is written (``docs/design.md`` §8.3)::
 
     <root>/nuscenes_occ_infos_<split>.pkl           {'infos': [...], 'metadata': {'version': 'v1.0-trainval'}}
     <root>/samples/CAM_*/<log>__CAM_*__<timestamp>.jpg    one JPEG per camera and frame (data_path in the pickle is

@@ -3,7 +3,7 @@
 Each scene is ``NYU<split>/NYUxxxx_0000.bin`` (SSCNet RLE: float32[3] origin, float32[16] camera-to-world pose,
 uint32 ``(value, run)`` pairs) and ``NYUxxxx_0000_color.jpg``. The RLE encoder here is written independently of
 :func:`occscene_pl.data.nyuv2.write_sscnet_bin`, and :data:`RAW_TO_NYU12` is a hand-copied excerpt of the class map of
-``reference/datasets.md`` §2.2, so the tests do not check the reader against its own code.
+``docs/design.md`` §8.2, so the tests do not check the reader against its own code.
 
 Scenes are small rooms in file axis order ``[world X, world Z (up), world Y]``: a floor, a ceiling, walls with a
 window, furniture boxes at arbitrary (not block-aligned) positions and an unobserved (255) strip, seen by a camera
@@ -22,7 +22,7 @@ from PIL import Image
 
 NYU_K = np.array([[518.8579, 0.0, 320.0], [0.0, 518.8579, 240.0], [0.0, 0.0, 1.0]])
 
-# SSCNet raw id -> NYUv2 12-class id for the ids the fakes use (datasets.md §2.2).
+# SSCNet raw id -> NYUv2 12-class id for the ids the fakes use (``docs/design.md`` §8.2).
 RAW_TO_NYU12: dict[int, int] = {
     0: 0,
     1: 1,

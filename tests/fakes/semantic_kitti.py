@@ -1,7 +1,7 @@
 """Fake SemanticKITTI trees in the real on-disk format, written at test time (never committed).
 
 The expected train ids are derived from :data:`RAW_TO_TRAIN`, a hand-written excerpt of the SSC mapping of
-``reference/datasets.md`` §1.4, so the tests do not check the reader against its own lookup table.
+``docs/design.md`` §8.1, so the tests do not check the reader against its own lookup table.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The sample schema shared by every dataset, the dataset base class and the DataModule base class.
 
-Every dataset yields the same dictionary (DESIGN §5):
+Every dataset yields the same dictionary (``docs/design.md`` §4):
 
 ================== ======================== =========================================================================
 key                shape / type             meaning

@@ -1,4 +1,4 @@
-"""The embedded demo dataset: procedural street scenes written in the real SemanticKITTI layout (DESIGN §5).
+"""The embedded demo dataset: procedural street scenes in the real SemanticKITTI layout (``docs/design.md`` §8.5).
 
 Every frame is a semantic voxel grid over the SemanticKITTI extent (x forward 0..51.2 m, y left -25.6..25.6 m, z up
 -2..4.4 m, in the LiDAR frame) built from a random street layout: a straight or gently curved road, sometimes a cross

@@ -1,6 +1,6 @@
 """nuScenes-Occupancy (OpenOccupancy v0.1): six surround cameras and a 512 x 512 x 40 semantic grid.
 
-On-disk layout (``reference/datasets.md`` §3.1, the OpenOccupancy layout)::
+On-disk layout (``docs/design.md`` §8.3, the OpenOccupancy layout)::
 
     data/nuscenes/                                   <root>: nuScenes v1.0-trainval (samples/, sweeps/, ...)
     data/nuscenes/nuscenes_occ_infos_{train,val}.pkl mmdet3d-style info pickles released by OpenOccupancy
@@ -12,8 +12,8 @@ read as 0; file label 0 ("noise") becomes 255 (ignore). The grid lives in the **
 keyframe, whose axes are x right, y forward, z up, over ``POINT_CLOUD_RANGE``. Because the voxel frame is the LiDAR
 frame, a camera's ``voxel_to_camera`` is OpenOccupancy's ``lidar2cam`` (§3.5).
 
-Camera order (gotcha 14): the info pickles list cameras in mmdet3d's dict order (FRONT, FRONT_RIGHT, FRONT_LEFT, BACK,
-BACK_LEFT, BACK_RIGHT) while OpenOccupancy's image pipeline iterates ``data_config['cams']`` (FRONT_LEFT, FRONT,
+Camera order (``docs/design.md`` §8.3, Cameras): the info pickles list cameras in mmdet3d's dict order (FRONT,
+FRONT_RIGHT, FRONT_LEFT, BACK, BACK_LEFT, BACK_RIGHT) while OpenOccupancy's image pipeline iterates ``data_config['cams']`` (FRONT_LEFT, FRONT,
 FRONT_RIGHT, BACK_LEFT, BACK, BACK_RIGHT). occscene-pl uses one order everywhere, the pipeline's, :data:`CAMERA_NAMES`:
 view ``v`` of every sample, of its intrinsics and of its ``voxel_to_camera`` is ``CAMERA_NAMES[v]``.
 """

@@ -1,4 +1,6 @@
-"""NYUv2 semantic scene completion as MonoScene uses it: SSCNet "depthbin" ``.bin`` voxels + RGB (datasets.md §2).
+"""NYUv2 semantic scene completion as MonoScene uses it: SSCNet "depthbin" ``.bin`` voxels + RGB.
+
+Format notes: ``docs/design.md`` §8.2.
 
 On-disk layout (MonoScene's ``nyu.zip``)::
 
@@ -13,7 +15,7 @@ with Z up for every dataset, so :class:`NYUv2Dataset` returns MonoScene's target
 ``occupancy[x, y, z] = target_1_4[x, z, y]``, shape ``(60, 60, 36)``. That is exactly the order in which MonoScene's
 ``vox2pix`` enumerates voxels (``scene_size = (4.8, 4.8, 2.88)`` -> dims ``(60, 60, 36)``), so the projection of
 voxel ``(x, y, z)`` computed from the sample's camera (``voxel_to_camera = inv(cam_pose)``, ``voxel_origin`` from the
-file, ``voxel_size = 0.08``) is MonoScene's ``projected_pix`` of the same voxel (datasets.md §2.4, gotcha 9).
+file, ``voxel_size = 0.08``) is MonoScene's ``projected_pix`` of the same voxel (``docs/design.md`` §8.2, Axes).
 
 Targets come from MonoScene's ``.pkl`` files when ``preprocess_root`` is given, otherwise the ``.bin`` is decoded and
 downsampled 1:4 with MonoScene's ``_downsample_label`` rule (:func:`downsample_labels`); decoded targets are cached as
@@ -97,7 +99,7 @@ def read_sscnet_bin(
     """Decode an SSCNet RLE voxel file and map its 37 class ids to the 12 NYUv2 SSC classes.
 
     The file is ``float32[3]`` voxel origin, ``float32[16]`` row-major camera-to-world pose, then little-endian
-    ``uint32`` pairs ``(value, run_length)`` until EOF whose runs fill the grid in C order (datasets.md §2.2).
+    ``uint32`` pairs ``(value, run_length)`` until EOF whose runs fill the grid in C order (``docs/design.md`` §8.2).
 
     Args:
         path: the ``.bin`` file.
@@ -178,7 +180,7 @@ def write_sscnet_bin(path: str | Path, origin: np.ndarray, cam_pose: np.ndarray,
 
 
 def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
-    """Downsample a label grid by ``factor`` with MonoScene's ``_downsample_label`` rule (datasets.md §1.8).
+    """Downsample a label grid by ``factor`` with MonoScene's ``_downsample_label`` rule (``docs/design.md`` §8.4).
 
     Per non-overlapping ``factor**3`` block of ``n`` voxels with ``n0`` zeros and ``n255`` ignores: if
     ``n0 + n255 > 0.95 * n`` the block is 0 when ``n0 > n255`` else 255 (a tie gives 255); otherwise it is the most
@@ -406,7 +408,7 @@ class NYUv2Dataset(OccupancyDataset):
                 f"MonoScene preprocessed file {path}: target_1_4 has shape {target.shape}, expected "
                 f"{self.target_shape} ([X, Z, Y] for grid_size {self._grid_size})"
             )
-        # MonoScene writes uint8; accept any numeric dtype holding train ids (gotcha 17).
+        # MonoScene writes uint8; accept any numeric dtype holding train ids (``docs/design.md`` §8.2, Targets).
         valid = ((target >= 0) & (target < len(NYUV2_CLASSES))) | (target == IGNORE_INDEX)
         if not valid.all():
             raise ValueError(f"MonoScene preprocessed file {path}: target_1_4 holds values outside 0..11 and 255")

@@ -1,7 +1,7 @@
 """Text prompts: captions files, templated scene descriptions and the prompt dataset used by ``predict``.
 
-None of the three datasets ships captions (paper.md §10.10). A training sample's prompt comes from a captions file
-when one is given (a JSON object ``{frame_id: caption}``), otherwise it is templated from the classes present in the
+None of the three datasets ships captions (``docs/design.md`` §8.6). A training sample's prompt comes from a captions
+file when one is given (a JSON object ``{frame_id: caption}``), otherwise it is templated from the classes present in the
 sample's occupancy, most frequent first, e.g. "a driving scene with road, vegetation, building, car and sidewalk".
 """
 

@@ -1,4 +1,4 @@
-"""SemanticKITTI semantic scene completion in MonoScene's monocular setting (``reference/datasets.md`` §1).
+"""SemanticKITTI semantic scene completion in MonoScene's monocular setting (``docs/design.md`` §8.1).
 
 On-disk layout read (and, for the demo and native export, written) here::
 

@@ -2,7 +2,7 @@
 
 Every geometric change to an image (crop, resize, horizontal flip) is mirrored in its ``intrinsics`` and, for the
 flip, in ``voxel_to_camera``, so that projecting a voxel with the returned camera lands on the same content as
-before. The 3D target is never touched (MonoScene flips only the image and the projection; datasets.md §1.7).
+before. The 3D target is never touched (MonoScene flips only the image and the projection; ``docs/design.md`` §5.3).
 
 Colour jitter is not geometric and is kept out of the image the generator learns to produce: :class:`ImageTransform`
 returns the un-jittered views as ``images`` and, when jitter is on, a second copy ``perceiver_images`` with one colour

@@ -1,6 +1,6 @@
 """Scene generator: an optional frozen VAE + a text-conditioned ``UNet2DConditionModel`` + a DDPM noise schedule.
 
-The generation half of OccScene (DESIGN §2-§4, ``reference/paper.md`` §9-§10): Stable Diffusion's latent diffusion
+The generation half of OccScene (``docs/design.md`` §2.1, §11): Stable Diffusion's latent diffusion
 built from real ``diffusers`` classes, either loaded from a local diffusers folder (``unet/``, ``vae/``,
 ``scheduler/`` subfolders, e.g. a Stable Diffusion checkpoint on disk; nothing is ever downloaded) or built from
 config dicts for a from-scratch model. Without a VAE the model diffuses in pixel space (latents are the images
@@ -498,7 +498,7 @@ class SceneGenerator(nn.Module):
         initial noise multiplied by ``scheduler.init_noise_sigma``; the other samplers accept both as no-ops.
         ``scale_model_input`` maps the sampler's state to the DDPM parameterisation, so
         ``predict_x0(scheduler.scale_model_input(x, t), output, t)`` is the x0 estimate for every sampler (the
-        occupancy refresh of DESIGN §3).
+        occupancy refresh of ``docs/design.md`` §3.1).
 
         Args:
             num_inference_steps: Number of denoising steps.

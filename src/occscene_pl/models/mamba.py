@@ -3,7 +3,7 @@
 :class:`MambaMixer` is ``mamba_ssm.modules.mamba_simple.Mamba`` (Gu & Dao, 2023) re-stated on top of
 :func:`occscene_pl.ops.selective_scan`: the same parameters, names, initialisation and numbers, so a ``state_dict``
 of either loads into the other. :class:`BiMambaBlock` runs one mixer over the token sequence and a second one over
-the flipped sequence, sums them and adds the result to the input (``reference/paper.md`` §3, "Bidirectional Mamba
+the flipped sequence, sums them and adds the result to the input (``docs/design.md`` §6, "Bidirectional Mamba
 block").
 """
 

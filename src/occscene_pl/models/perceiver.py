@@ -1,6 +1,6 @@
 """MonoScene-style semantic scene completion network: image(s) + camera -> 3D semantic logits.
 
-Architecture (``reference/datasets.md`` §5.1): a timm 2D encoder with MonoScene's 2D UNet decoder gives feature maps at
+Architecture (``docs/design.md`` §7.1): a timm 2D encoder with MonoScene's 2D UNet decoder gives feature maps at
 1:1, 1:2, 1:4 and 1:8; FLoSP lifts them onto the voxel grid through the voxel -> pixel projection; a 3D UNet (DDR
 bottlenecks, two downsamplings, 3D context-relation prior at the bottleneck, transposed-conv upsampling with additive
 skips) and an ASPP segmentation head give per-voxel class logits.

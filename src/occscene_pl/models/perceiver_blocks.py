@@ -1,4 +1,4 @@
-"""Building blocks of :class:`~occscene_pl.models.perceiver.OccupancyPerceiver` (MonoScene, datasets.md §5.1).
+"""Building blocks of :class:`~occscene_pl.models.perceiver.OccupancyPerceiver` (MonoScene, ``docs/design.md`` §7.1).
 
 2D: the UNet decoder of MonoScene's ``unet2d.py`` (bilinear upsampling to the skip, concatenation, two
 conv3x3-BN-LeakyReLU), generalised to any timm ``features_only`` encoder. 3D: the DDR bottleneck, ``Process``,

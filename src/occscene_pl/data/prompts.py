@@ -1,8 +1,8 @@
 """Text prompts: captions files, templated scene descriptions and the prompt dataset used by ``predict``.
 
 None of the three datasets ships captions (``docs/design.md`` §8.6). A training sample's prompt comes from a captions
-file when one is given (a JSON object ``{frame_id: caption}``), otherwise it is templated from the classes present in the
-sample's occupancy, most frequent first, e.g. "a driving scene with road, vegetation, building, car and sidewalk".
+file when one is given (a JSON object ``{frame_id: caption}``), otherwise it is templated from the classes present in
+the sample's occupancy, most frequent first, e.g. "a driving scene with road, vegetation, building, car and sidewalk".
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ frame, a camera's ``voxel_to_camera`` is OpenOccupancy's ``lidar2cam`` (§3.5).
 
 Camera order (``docs/design.md`` §8.3, Cameras): the info pickles list cameras in mmdet3d's dict order (FRONT,
 FRONT_RIGHT, FRONT_LEFT, BACK, BACK_LEFT, BACK_RIGHT) while OpenOccupancy's image pipeline iterates
-``data_config['cams']`` (FRONT_LEFT, FRONT, FRONT_RIGHT, BACK_LEFT, BACK, BACK_RIGHT). occscene-pl uses one order everywhere, the pipeline's, :data:`CAMERA_NAMES`:
-view ``v`` of every sample, of its intrinsics and of its ``voxel_to_camera`` is ``CAMERA_NAMES[v]``.
+``data_config['cams']`` (FRONT_LEFT, FRONT, FRONT_RIGHT, BACK_LEFT, BACK, BACK_RIGHT). occscene-pl uses one order
+everywhere, the pipeline's, :data:`CAMERA_NAMES`: view ``v`` of every sample, of its intrinsics and of its
+``voxel_to_camera`` is ``CAMERA_NAMES[v]``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ Built as ``configs/kitti.yaml`` builds it (``model.aligner``: embed 32, 32 linea
 (``d_model`` 320), with random weights (output convs re-drawn so the residuals and their gradients are not zero),
 batch 1, float32, on SemanticKITTI's 256 x 256 x 32 grid of 0.2 m seen by sequence 00's camera 2 at 320 x 1024
 (latent 40 x 128). Occupancy: random class probabilities; backward reaches them (the perceiver's output is
-differentiated through the aligner in joint training). Times are medians of ``repeats`` runs after one warm-up with
-``threads`` torch threads. Both modes run in the same process, so their times are comparable.
+differentiated through the aligner in joint training). Timed: the frustum volume alone (``frustum_volume``: embedding
++ resampling, the part the mode changes) and the whole aligner, each forward (no grad) and forward+backward. Times
+are medians of ``repeats`` rounds after one warm-up round with ``threads`` torch threads; both modes run in the same
+process, alternating inside every round, so their times are comparable.
 
 Usage: ``python benchmarks/bench_aligner.py --out bench-results``
 """
@@ -38,16 +40,6 @@ SD15_SPEC = ResidualSpec(
     mid_channels=1280,
     mid_downsample=8,
 )
-
-
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times), 4)
 
 
 def kitti_camera() -> dict[str, torch.Tensor]:
@@ -83,7 +75,7 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
         generator = torch.Generator().manual_seed(0)
         occupancy = torch.softmax(torch.randn(1, NUM_CLASSES, *GRID, generator=generator), dim=1)
         latents = torch.randn(1, 4, h, w, generator=generator)
-        modes: dict[str, dict[str, Any]] = {}
+        cases: dict[str, dict[str, Callable[[], None]]] = {}
         for mode in ("point", "splat"):
             torch.manual_seed(0)
             aligner = MambaDualAlignment(NUM_CLASSES, SD15_SPEC, 4, frustum_sampling=mode, **options)
@@ -91,16 +83,50 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
                 torch.nn.init.normal_(conv.weight, std=1e-3)
             probabilities = occupancy.clone().requires_grad_(True)
 
+            def volume(aligner: MambaDualAlignment = aligner, probabilities: torch.Tensor = probabilities) -> Any:
+                return aligner.frustum_volume(probabilities, **camera, image_size=IMAGE_SIZE, latent_size=(h, w))
+
             def forward(aligner: MambaDualAlignment = aligner, probabilities: torch.Tensor = probabilities) -> Any:
                 return aligner(probabilities, **camera, image_size=IMAGE_SIZE, latents=latents)
 
-            def forward_backward(forward: Callable[[], Any] = forward) -> None:
-                down, mid = forward()
-                (sum(d.square().mean() for d in down) + mid.square().mean()).backward()
+            def no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
+                def step() -> None:
+                    with torch.no_grad():
+                        fn()
 
-            with torch.no_grad():
-                forward_s = _median_s(forward, repeats)
-            modes[mode] = {"forward_s": forward_s, "forward_backward_s": _median_s(forward_backward, repeats)}
+                return step
+
+            def backward(fn: Callable[[], Any]) -> Callable[[], None]:
+                def step() -> None:
+                    out = fn()
+                    if isinstance(out, tuple):
+                        down, mid = out
+                        loss = sum(d.square().mean() for d in down) + mid.square().mean()
+                    else:
+                        loss = out.square().mean()
+                    loss.backward()
+
+                return step
+
+            cases[mode] = {
+                "frustum_volume_forward_s": no_grad(volume),
+                "frustum_volume_forward_backward_s": backward(volume),
+                "forward_s": no_grad(forward),
+                "forward_backward_s": backward(forward),
+            }
+        # Modes alternate inside every repeat (after one warm-up round), so load drifts hit both alike.
+        times: dict[str, dict[str, list[float]]] = {mode: {key: [] for key in steps} for mode, steps in cases.items()}
+        for round_index in range(repeats + 1):
+            for key in cases["point"]:
+                for mode, steps in cases.items():
+                    start = time.perf_counter()
+                    steps[key]()
+                    if round_index:
+                        times[mode][key].append(time.perf_counter() - start)
+        medians = {
+            mode: {key: round(statistics.median(values), 4) for key, values in per_key.items()}
+            for mode, per_key in times.items()
+        }
         return {
             "config": CONFIG.name,
             "aligner": options,
@@ -111,7 +137,7 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
             "dtype": "float32",
             "torch_threads": threads,
             "repeats": repeats,
-            "frustum_sampling": modes,
+            "frustum_sampling": medians,
         }
     finally:
         torch.set_num_threads(previous_threads)

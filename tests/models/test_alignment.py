@@ -277,22 +277,18 @@ def test_half_precision_probabilities_are_splatted_in_float32() -> None:
     torch.testing.assert_close(values, splat_frustum(probabilities.float(), **near, depth_edges=edges)[0])
 
 
-def test_splat_features_embed_the_mean_of_the_embedded_voxels() -> None:
+def test_splat_frustum_volume_embeds_the_mean_of_the_embedded_voxels() -> None:
     # The aligner embeds the cell means of the class probabilities (bias scaled by the cell weight): the same as
     # averaging the embedded voxels, and as point-sampling the embedded volume in cells without a voxel centre.
     spec = ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1)
     torch.manual_seed(6)
     mda = _tiny_mda(spec, d_model=8)
     torch.nn.init.normal_(mda.occupancy_embed.bias)
-    mda.deform_conv = torch.nn.Identity()
     near = _near_scene()
     probabilities = _scene(2, 2)["occupancy"]
     cam = (near["intrinsics"], near["voxel_to_camera"], near["voxel_origin"], near["voxel_size"])
     with torch.no_grad():
-        modulation = mda.camera_encoder(
-            near["intrinsics"].flatten(0, 1), near["voxel_to_camera"].flatten(0, 1), (32, 32)
-        )
-        features = mda._frustum_features(probabilities, *cam, (32, 32), (8, 8)) / modulation[:, :, None, None, None]
+        features = mda.frustum_volume(probabilities, *cam, (32, 32), (8, 8))
         embedded = mda.occupancy_embed(probabilities)  # (B, E, X, Y, Z)
         grid = frustum_grid(frustum_points(*cam[:2], (32, 32), (8, 8), mda.depths), cam[2], cam[3], (8, 8, 4))
         expected = sample_frustum(embedded, grid)  # (B*V, E, D, h, w)
@@ -315,10 +311,9 @@ def test_splat_features_embed_the_mean_of_the_embedded_voxels() -> None:
                 flat[:, c] = voxels[:, torch.from_numpy(cell == c)].mean(dim=1)
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
     point = _tiny_mda(spec, d_model=8, frustum_sampling="point")
-    point.deform_conv = torch.nn.Identity()
     point.load_state_dict(mda.state_dict())
     with torch.no_grad():
-        differs = point._frustum_features(probabilities, *cam, (32, 32), (8, 8)) / modulation[:, :, None, None, None]
+        differs = point.frustum_volume(probabilities, *cam, (32, 32), (8, 8))
     assert not torch.allclose(differs, features)
 
 

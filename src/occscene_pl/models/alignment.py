@@ -790,6 +790,57 @@ class MambaDualAlignment(nn.Module):
         one_hot = F.one_hot(torch.where(valid, labels, 0), self.num_classes).to(dtype) * valid[..., None].to(dtype)
         return one_hot.permute(0, 4, 1, 2, 3)
 
+    def frustum_volume(
+        self,
+        occupancy: Tensor,
+        intrinsics: Tensor,
+        voxel_to_camera: Tensor,
+        voxel_origin: Tensor | float,
+        voxel_size: Tensor | float,
+        image_size: Sequence[int],
+        latent_size: Sequence[int],
+    ) -> Tensor:
+        """Steps 1-2 of the module docstring: the embedded occupancy resampled into every view's frustum.
+
+        Args:
+            occupancy: ``(B, C, X, Y, Z)`` class probabilities or ``(B, X, Y, Z)`` integer labels.
+            intrinsics: ``(B, V, 3, 3)`` at ``image_size``.
+            voxel_to_camera: ``(B, V, 4, 4)``.
+            voxel_origin: ``(B, 3)`` or ``(3,)``.
+            voxel_size: ``(B,)`` or a scalar.
+            image_size: ``(H, W)`` of the images the intrinsics refer to.
+            latent_size: ``(h, w)``.
+
+        Returns:
+            ``(B * V, embed_dim, D, h, w)``, index ``b * V + v``.
+        """
+        dtype = self.occupancy_embed.weight.dtype
+        voxel_origin = torch.as_tensor(voxel_origin, device=intrinsics.device)
+        voxel_size = torch.as_tensor(voxel_size, device=intrinsics.device)
+        if self.frustum_sampling == "point":
+            volume = self.occupancy_embed(self._occupancy_probabilities(occupancy, dtype))  # (B, E, X, Y, Z)
+            points = frustum_points(intrinsics.float(), voxel_to_camera.float(), image_size, latent_size, self.depths)
+            grid = frustum_grid(points, voxel_origin, voxel_size, volume.shape[-3:])
+            return sample_frustum(volume, grid)
+        # The 1x1x1 embedding is linear: embed the (C-channel) cell means instead of the (E-channel) grid; the bias
+        # scales with the weight a field of ones gets, so this equals averaging the embedded voxels.
+        values, weight, _ = splat_frustum(
+            occupancy,
+            intrinsics,
+            voxel_to_camera,
+            voxel_origin,
+            voxel_size,
+            image_size,
+            latent_size,
+            self.depth_edges,
+            self.num_classes,
+        )
+        embed = self.occupancy_embed
+        sampled = F.conv3d(values.to(dtype), embed.weight)
+        if embed.bias is not None:
+            sampled = sampled + embed.bias.reshape(1, -1, 1, 1, 1) * weight.to(sampled.dtype)
+        return sampled
+
     def _frustum_features(
         self,
         occupancy: Tensor,
@@ -800,30 +851,9 @@ class MambaDualAlignment(nn.Module):
         image_size: Sequence[int],
         latent_size: Sequence[int],
     ) -> Tensor:
-        dtype = self.occupancy_embed.weight.dtype
-        if self.frustum_sampling == "splat":
-            # The 1x1x1 embedding is linear: embed the (C-channel) cell means instead of the (E-channel) volume; the
-            # bias scales with the weight a field of ones gets, so this equals averaging the embedded volume.
-            values, weight, _ = splat_frustum(
-                occupancy,
-                intrinsics,
-                voxel_to_camera,
-                voxel_origin,
-                voxel_size,
-                image_size,
-                latent_size,
-                self.depth_edges,
-                self.num_classes,
-            )
-            embed = self.occupancy_embed
-            sampled = F.conv3d(values.to(dtype), embed.weight)
-            if embed.bias is not None:
-                sampled = sampled + embed.bias.reshape(1, -1, 1, 1, 1) * weight.to(sampled.dtype)
-        else:
-            volume = self.occupancy_embed(self._occupancy_probabilities(occupancy, dtype))  # (B, E, X, Y, Z)
-            points = frustum_points(intrinsics.float(), voxel_to_camera.float(), image_size, latent_size, self.depths)
-            grid = frustum_grid(points, voxel_origin, voxel_size, volume.shape[-3:])
-            sampled = sample_frustum(volume, grid)
+        sampled = self.frustum_volume(
+            occupancy, intrinsics, voxel_to_camera, voxel_origin, voxel_size, image_size, latent_size
+        )
         frustum = self.deform_conv(sampled)  # (B*V, E, D, h, w)
         camera = self.camera_encoder(intrinsics.flatten(0, 1), voxel_to_camera.flatten(0, 1), image_size)
         return frustum * camera[:, :, None, None, None].to(frustum.dtype)

@@ -19,6 +19,7 @@ from occscene_pl.data.demo import (
     demo_calibration,
     generate_demo_dataset,
     generate_street_scene,
+    writer,
 )
 from occscene_pl.data.semantic_kitti import SEMANTIC_KITTI_CLASSES, read_calib
 
@@ -175,7 +176,7 @@ def test_writes_the_semantic_kitti_layout(tiny: Path) -> None:
 def test_voxel_files_hold_raw_ids_and_kitti_masks(tiny: Path) -> None:
     voxels = tiny / "dataset" / "sequences" / "00" / "voxels"
     raw = np.fromfile(voxels / "000005.label", dtype="<u2").reshape(GRID)
-    expected = generate_street_scene(demo._frame_rng(0, 0, 1), GRID)
+    expected = generate_street_scene(demo.frame_rng(0, 0, 1), GRID)
     # Raw SemanticKITTI ids: road 40, sidewalk 48, building 50, car 10 (learning_map_inv).
     for train, raw_id in ((9, 40), (11, 48), (13, 50), (1, 10), (0, 0)):
         assert np.array_equal(raw == raw_id, expected == train), train
@@ -211,7 +212,7 @@ def test_mismatched_manifest_regenerates_and_a_match_is_reused(tmp_path: Path, m
     def fail(job: Any) -> None:
         raise AssertionError("a matching dataset must be reused, not regenerated")
 
-    monkeypatch.setattr(demo, "_write_frame", fail)
+    monkeypatch.setattr(writer, "_write_frame", fail)
     assert generate_demo_dataset(root, num_train=3, num_val=1, seed=1, **small) == root
     with pytest.raises(AssertionError, match="must be reused"):
         generate_demo_dataset(root, num_train=3, num_val=1, seed=1, overwrite=True, **small)
@@ -229,7 +230,7 @@ def test_failure_mid_generation_leaves_no_partial_dataset(
         generate_demo_dataset(root, num_train=1, num_val=1, image_size=SMALL_IMAGE, num_workers=1)
     before = _files(root) if existing else None
     calls = []
-    write_frame = demo._write_frame
+    write_frame = writer._write_frame
 
     def flaky(job: Any) -> None:
         calls.append(job)
@@ -237,7 +238,7 @@ def test_failure_mid_generation_leaves_no_partial_dataset(
             raise RuntimeError("disk full")
         write_frame(job)
 
-    monkeypatch.setattr(demo, "_write_frame", flaky)
+    monkeypatch.setattr(writer, "_write_frame", flaky)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_demo_dataset(root, num_train=4, num_val=2, seed=5, image_size=SMALL_IMAGE, num_workers=1)
     assert len(calls) == 3
@@ -308,7 +309,7 @@ def test_datamodule_generates_and_reads_back_through_the_kitti_reader(tmp_path: 
     # face of visible buildings have their class's colour (up to shading brightness) at their projected pixel.
     checked = 0
     for sample in (dm.datasets["val"][0], dm.datasets["val"][1]):
-        labels = generate_street_scene(demo._frame_rng(0, 1, int(sample["frame_id"][-6:]) // 5), GRID)
+        labels = generate_street_scene(demo.frame_rng(0, 1, int(sample["frame_id"][-6:]) // 5), GRID)
         image = (sample["image"][0].permute(1, 2, 0).numpy() * 255).astype(np.float64)
         k = sample["intrinsics"][0].double().numpy()
         t = sample["voxel_to_camera"][0].double().numpy()

@@ -15,10 +15,10 @@ help:  ## Show this help
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,cpu-fast]"
 	@touch $(STAMP)
 
-install: $(STAMP)  ## Create .venv in the repo root and install occscene-pl[dev] into it
+install: $(STAMP)  ## Create .venv in the repo root and install occscene-pl[dev,cpu-fast] into it
 
 test: $(STAMP)  ## Run the default test suite (excludes slow and gpu tests)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

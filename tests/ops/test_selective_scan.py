@@ -4,6 +4,10 @@ gradients of all inputs, including through the returned last state), dtypes, dis
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -285,6 +289,70 @@ def test_dispatch_falls_back_to_torch_without_numba(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ss_module, "HAS_NUMBA", False)
     assert selective_scan_backend(inputs["u"]) == "torch"
     check_against_reference(selective_scan, inputs, True, rtol=1e-9)
+
+
+def test_numba_that_fails_to_import_degrades_to_torch_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An installed but broken numba: the lookup finds it, the import fails (None in sys.modules blocks it).
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "occscene_pl.ops._scan_kernels", raising=False)
+    monkeypatch.setattr(ss_module, "HAS_NUMBA", True)
+    monkeypatch.setattr(ss_module, "_scan_kernels", None)
+    monkeypatch.setattr(ss_module, "_scan_kernels_failed", False)
+    inputs = make_inputs(*CASES[1], flags=FLAGS[0])
+    with pytest.warns(RuntimeWarning, match="numba is installed but cannot be imported"):
+        assert selective_scan_backend(inputs["u"]) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not on every call
+        assert selective_scan_backend(inputs["u"]) == "torch"
+        check_against_reference(selective_scan, inputs, True, rtol=1e-9)
+
+
+_WITHOUT_NUMBA = """
+import sys
+import warnings
+
+sys.modules["numba"] = None  # as if numba were not installed: `import numba` raises ImportError
+warnings.filterwarnings("error", message=".*numba")  # no "installed but cannot be imported" warning
+import torch
+
+import occscene_pl.models
+import occscene_pl.module
+from occscene_pl.ops import HAS_NUMBA, selective_scan, selective_scan_backend, selective_scan_reference
+
+assert not HAS_NUMBA
+torch.manual_seed(0)
+u, delta, z = (torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True) for _ in range(3))
+A = -torch.rand(4, 3, dtype=torch.float64)
+B, C = torch.randn(2, 3, 9, dtype=torch.float64), torch.randn(2, 3, 9, dtype=torch.float64)
+assert selective_scan_backend(u) == "torch"
+out = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True)
+ref = selective_scan_reference(u, delta, A, B, C, z=z, delta_softplus=True)
+torch.testing.assert_close(out, ref)
+out.sum().backward()
+assert u.grad is not None and torch.isfinite(u.grad).all()
+print("ok")
+"""
+
+_LAZY = """
+import sys
+
+import occscene_pl.models
+import occscene_pl.ops
+
+assert "numba" not in sys.modules, "importing occscene_pl must not import numba"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [_WITHOUT_NUMBA, _LAZY], ids=["without-numba", "lazy-import"])
+def test_package_works_without_numba_and_imports_it_lazily(script: str) -> None:
+    if script is _LAZY and not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ discretised linear recurrence over time ``l``::
 Backends, chosen by :func:`selective_scan` (see :func:`selective_scan_backend`):
 
 * ``"mamba_ssm"``: the CUDA kernel of ``mamba_ssm`` when it imports and the tensors are on a CUDA device.
-* ``"numba"``: on CPU when ``numba`` is installed: fused forward and hand-written backward kernels
-  (:mod:`occscene_pl.ops._scan_kernels`) wrapped in a :class:`torch.autograd.Function`; never materialises the
-  ``(batch, dim, L, N)`` state.
+* ``"numba"``: on CPU when the optional ``numba`` is installed (``pip install occscene-pl[cpu-fast]``): fused
+  forward and hand-written backward kernels (:mod:`occscene_pl.ops._scan_kernels`) wrapped in a
+  :class:`torch.autograd.Function`; never materialises the ``(batch, dim, L, N)`` state.  The kernel module, and so
+  numba, is imported on first use, not with this module; a numba that is installed but fails to import (e.g. an
+  incompatible llvmlite or NumPy) gives one warning and the ``"torch"`` backend.
 * ``"torch"``: everywhere else (CUDA without ``mamba_ssm``, CPU without numba, other devices, float64 on CUDA): a
   chunked two-level scan in plain PyTorch (:func:`selective_scan_chunked`), differentiated by autograd.
 
@@ -24,7 +26,11 @@ correctness reference of the tests.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import warnings
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -52,13 +58,41 @@ except Exception:  # noqa: BLE001 - see above
     _mamba_selective_scan_fn = None
     HAS_MAMBA_SSM = False
 
-try:
-    from occscene_pl.ops import _scan_kernels
+# numba is optional (the `cpu-fast` extra). Whether it is installed is looked up without importing it; the kernels
+# are imported by _load_scan_kernels on first use.
+HAS_NUMBA: bool = importlib.util.find_spec("numba") is not None
+_scan_kernels: ModuleType | None = None
+_scan_kernels_failed = False
 
-    HAS_NUMBA: bool = True
-except ImportError:  # numba (or a compatible llvmlite / numpy) is not installed
-    _scan_kernels = None  # type: ignore[assignment]
-    HAS_NUMBA = False
+
+def _load_scan_kernels() -> ModuleType | None:
+    """The numba kernel module, imported on the first call.
+
+    Returns:
+        :mod:`occscene_pl.ops._scan_kernels`, or ``None`` when numba is not installed or fails to import (then a
+        :class:`RuntimeWarning` is issued once and the PyTorch scan is used).
+    """
+    global _scan_kernels, _scan_kernels_failed
+    if _scan_kernels is None and HAS_NUMBA and not _scan_kernels_failed:
+        try:
+            _scan_kernels = importlib.import_module("occscene_pl.ops._scan_kernels")
+        except ImportError as error:  # numba without a compatible llvmlite / NumPy
+            _scan_kernels_failed = True
+            warnings.warn(
+                f"numba is installed but cannot be imported ({error}); the selective scan uses its PyTorch fallback",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _scan_kernels
+
+
+def _require_scan_kernels() -> ModuleType:
+    """The numba kernel module; only called on the ``"numba"`` backend, which is chosen only when it imports."""
+    kernels = _load_scan_kernels()
+    if kernels is None:
+        raise RuntimeError("the numba selective-scan kernels are not available")
+    return kernels
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAMBA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -349,7 +383,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         save = any(ctx.needs_input_grad)
         # The kernels use as many threads as PyTorch's intra-op pool, so torch.set_num_threads() applies.
-        out, last, ck = _scan_kernels.scan_fwd(
+        out, last, ck = _require_scan_kernels().scan_fwd(
             *_numpy_views(u, dt, A, B, C),
             _numpy_view(D),
             _numpy_view(z),
@@ -368,7 +402,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         u, dt, A, B, C, D, z, ck = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
-        grads = _scan_kernels.scan_bwd(
+        grads = _require_scan_kernels().scan_bwd(
             *_numpy_views(u, dt, A, B, C),
             _numpy_view(D),
             _numpy_view(z),
@@ -418,7 +452,7 @@ def selective_scan_backend(u: Tensor) -> str:
     ``"torch"`` (see the module docstring)."""
     if u.device.type == "cuda":
         return "mamba_ssm" if HAS_MAMBA_SSM and u.dtype in _MAMBA_DTYPES else "torch"
-    if u.device.type == "cpu" and HAS_NUMBA:
+    if u.device.type == "cpu" and HAS_NUMBA and _load_scan_kernels() is not None:
         return "numba"
     return "torch"
 

@@ -1,10 +1,11 @@
-"""Data-layer timings: demo dataset generation and loading one full-size sample of each dataset.
+"""Data-layer timings: demo dataset generation, loading one full-size sample of each dataset, NYUv2's 1:4 targets.
 
 Full-size samples are written in the real formats by the test fakes (the real datasets cannot be downloaded here):
 SemanticKITTI 256x256x32 + a 1241x376 PNG, NYUv2 a 240x144x240 RLE + a 640x480 JPEG, nuScenes-Occupancy six
 1600x900 JPEGs + a sparse 512x512x40 ground truth. Each load is timed as the median of several ``dataset[0]`` calls
 at the native image size (no resize), after one warm-up call (which, for NYUv2, also fills the target cache; the
-cold decode is reported separately).
+cold decode is reported separately). ``nyuv2_downsample_full_grid_ms`` times MonoScene's label downsampling
+(``downsample_labels``, 1:4) of one full 240 x 144 x 240 NYUv2 grid, the median of several calls (under 1 s).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if str(REPO) not in sys.path:  # the fakes live in tests/, which is not an insta
 
 from occscene_pl.data.demo import generate_demo_dataset  # noqa: E402
 from occscene_pl.data.nuscenes_occupancy import NuScenesOccupancyDataset  # noqa: E402
-from occscene_pl.data.nyuv2 import NYUv2Dataset  # noqa: E402
+from occscene_pl.data.nyuv2 import NYUv2Dataset, downsample_labels  # noqa: E402
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset  # noqa: E402
 from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy  # noqa: E402
 from tests.fakes.nyuv2 import write_fake_nyuv2  # noqa: E402
@@ -55,7 +56,10 @@ def run(out_dir: pathlib.Path) -> dict[str, Any]:
         kitti[0]
         results["semantic_kitti_sample_ms"] = round(_median_ms(lambda: kitti[0]), 1)
 
-        write_fake_nyuv2(tmp_path / "nyu", split_counts={"test": 1}, grid_size=(60, 60, 36))
+        written = write_fake_nyuv2(tmp_path / "nyu", split_counts={"test": 1}, grid_size=(60, 60, 36))
+        labels12 = written["scenes"]["test"][0]["labels12"]
+        downsample_labels(labels12, 4)
+        results["nyuv2_downsample_full_grid_ms"] = round(_median_ms(lambda: downsample_labels(labels12, 4)), 1)
         cache = tmp_path / "nyu_cache"
         nyu = NYUv2Dataset(tmp_path / "nyu", split="test", cache_dir=cache)
         start = time.perf_counter()

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-BENCHMARKS = ("bench_selective_scan", "bench_models", "bench_aligner", "bench_data")
+BENCHMARKS = ("bench_selective_scan", "bench_models", "bench_aligner", "bench_data", "bench_render")
 
 
 def main() -> None:

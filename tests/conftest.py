@@ -1,8 +1,10 @@
-"""Shared fixtures: fake dataset roots in the real on-disk formats, written once per test session."""
+"""Shared fixtures and constants: fake dataset roots in the real on-disk formats (written once per test session),
+one intra-op thread, skipping ``gpu`` tests without CUDA, and the paths of the repository and the tiny config."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from tests.fakes.nyuv2 import write_fake_nyuv2
 from tests.fakes.semantic_kitti import write_fake_semantic_kitti
 
 REPO = Path(__file__).parents[1]
+# The tiny model overlay of the CLI tests (random-init networks of a few kilobytes).
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 KITTI_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
 
 
@@ -25,6 +29,29 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread per test module, restored after it.
+
+    The test machine is small and shared, and the tests' tiny ops only gain synchronisation stalls from more
+    threads (10-50x slower on two cores).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, not failed, where CUDA is not available (``make test-gpu`` on a CPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: CUDA is not available")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

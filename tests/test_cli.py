@@ -5,26 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from occscene_pl.cli import main
-
-REPO = Path(__file__).parents[1]
-TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The test machine is small and shared: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import REPO, TINY
 
 
 def _csv_logger(save_dir: Path) -> str:

@@ -47,11 +47,6 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_inception(tmp_path_factory.mktemp("inception"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def images(n: int, bright: bool, seed: int, size: int = 32) -> Tensor:
     """``n`` float images in [0, 1]: dark smooth ones, or bright noisy ones."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,14 @@ from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment
 from occscene_pl.module import OccSceneModule
 from occscene_pl.sampling import SampleResult, labels_to_probabilities
+from tests.conftest import REPO
 
 # Most trainers here run training steps only.
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
-REPO = Path(__file__).parents[1]
 TINY_MODEL: dict[str, Any] = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())["model"]
 GRID = (8, 8, 4)
 IMAGE_SIZE = (32, 48)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The test machine is small and shared: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from PIL import Image
 import occscene_pl.module as module_lib
 from occscene_pl.cli import main
 from occscene_pl.module import OccSceneModule
+from tests.conftest import REPO, TINY
 
 pytestmark = [
     # Resuming from a checkpoint saved at an epoch's end finishes that epoch again, before any validation.
@@ -26,19 +26,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Precision bf16-mixed is not supported by the model summary"),
 ]
 
-REPO = Path(__file__).parents[1]
-TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 GRID = (8, 8, 4)
 PROMPTS = ["a bedroom with a bed and a window", "a living room with a sofa and a table"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The test machine is small and shared: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(subcommand: str, nyuv2_root: Path, root: Path, *extra: str) -> None:

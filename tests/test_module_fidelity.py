@@ -24,7 +24,6 @@ from occscene_pl.module import OccSceneModule
 from tests.test_module import (  # noqa: F401 - fixtures are used by name
     GRID,
     TINY_MODEL,
-    _one_thread,
     batch,
     build,
     datamodule,

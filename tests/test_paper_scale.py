@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from occscene_pl.cli import main
+from tests.conftest import REPO
 from tests.fakes.nuscenes_occupancy import write_fake_nuscenes_occupancy
 from tests.fakes.nyuv2 import write_fake_nyuv2
 from tests.fakes.semantic_kitti import write_fake_semantic_kitti
 
-REPO = Path(__file__).parents[1]
 KITTI_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
 
 

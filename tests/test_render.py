@@ -1,8 +1,6 @@
-"""Occupancy renderer: ray casting against hand-computed projections, occlusion, transparency, BEV and speed."""
+"""Occupancy renderer: ray casting against hand-computed projections, occlusion, transparency and BEV."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -252,18 +250,23 @@ def test_render_occupancy_figure_layout() -> None:
     assert (figure[:, IMAGE[1] : IMAGE[1] + 4] == 255).all()
 
 
-def test_street_sized_render_is_fast() -> None:
+def test_street_sized_render_sees_the_street() -> None:
+    # The street of benchmarks/bench_render.py (which times this render): camera on the road looking along +x.
     tr = np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, -0.05], [1.0, 0.0, 0.0, -0.27], [0.0, 0.0, 0.0, 1.0]])
     k = np.array([[222.4, 0.0, 187.5], [0.0, 222.4, 62.7], [0.0, 0.0, 1.0]])
     grid = np.zeros((64, 64, 8), dtype=np.uint8)
-    grid[:, :, 0] = 9
-    grid[:, :20, :6] = 13
-    grid[:, 44:, :4] = 15
-    grid[20:26, 30:33, 1:3] = 1
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        render_occupancy(grid, (0.0, -25.6, -2.0), 0.8, k, tr, (128, 384), CLASS_COLORS_KITTI, texture_noise=0.05)
-        times.append(time.perf_counter() - start)
-    # ~0.07 s on one idle core; the bound leaves room for a loaded CI machine.
-    assert min(times) < 0.5
+    grid[:, :, 0] = 9  # road
+    grid[:, :20, :6] = 13  # building, on the right (y < 0)
+    grid[:, 44:, :4] = 15  # vegetation, on the left
+    grid[20:26, 30:33, 1:3] = 1  # car ahead
+    image = render_occupancy(grid, (0.0, -25.6, -2.0), 0.8, k, tr, (128, 384), CLASS_COLORS_KITTI, texture_noise=0.05)
+    assert image.shape == (128, 384, 3) and image.dtype == np.uint8
+    classes = np.array([9, 13, 15, 1])
+    directions = CLASS_COLORS_KITTI[classes].astype(np.float64)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+
+    def seen(row: int, column: int) -> int:
+        """The class whose colour direction is closest to the pixel's (shading only scales brightness)."""
+        return int(classes[np.argmax(directions @ image[row, column].astype(np.float64))])
+
+    assert seen(120, 192) == 9 and seen(70, 192) == 1 and seen(64, 370) == 13 and seen(64, 10) == 15

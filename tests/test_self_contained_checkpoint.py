@@ -9,7 +9,6 @@ an older-style checkpoint (no stored architecture) evaluated with the files in p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,13 @@ from occscene_pl.checkpoint_architecture import (
 from occscene_pl.cli import main
 from occscene_pl.models import OccupancyPerceiver, SceneGenerator
 from occscene_pl.models.text_encoder import register_tiny_config
+from tests.conftest import REPO, TINY
 
 pytestmark = [
     # Two fit steps in one epoch; the checkpoint callback monitors val/miou, which the tiny fit logs once.
     pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/miou'\\)` could not find the monitored key"),
 ]
 
-REPO = Path(__file__).parents[1]
-TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 GRID = (8, 8, 4)
 NUM_CLASSES = 12  # NYUv2: empty + 11
 UNET = {
@@ -66,15 +64,6 @@ PERCEIVER = {
     "project_scale": 1,
     "context_prior": False,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The test machine is small and shared: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_fit_files(folder: Path) -> dict[str, Path]:

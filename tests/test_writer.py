@@ -29,11 +29,6 @@ WIDTH, HEIGHT = 40, 24
 KITTI_ORIGIN = (0.0, -25.6, -2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def make_sample(
     frame_id: str,
     views: int = 1,

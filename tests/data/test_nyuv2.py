@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -287,15 +286,11 @@ def test_downsample_accepts_float_labels_and_rejects_bad_shapes() -> None:
         downsample_labels(np.full((4, 4, 4), 256, np.int32), 4)
 
 
-def test_downsample_full_grid_is_fast(real: dict[str, Any]) -> None:
-    labels = real["scenes"]["train"][0]["labels12"]
-    timings = []
-    for _ in range(2):
-        start = time.perf_counter()
-        result = downsample_labels(labels, 4)
-        timings.append(time.perf_counter() - start)
-    assert result.shape == (60, 36, 60)
-    assert min(timings) < 1.0, timings
+def test_downsample_full_grid_matches_the_reference(real: dict[str, Any]) -> None:
+    # Timed by benchmarks/bench_data.py (nyuv2_downsample_full_grid_ms).
+    result = downsample_labels(real["scenes"]["train"][0]["labels12"], 4)
+    assert result.shape == (60, 36, 60) and result.dtype == np.uint8
+    np.testing.assert_array_equal(result, real["target"])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,6 @@ VAE: dict[str, Any] = dict(
     down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
     up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops on a shared 2-core machine: intra-op threads only add synchronisation stalls (10-50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _generator(latent: bool, seed: int = 0, **kwargs: Any) -> SceneGenerator:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -17,18 +16,10 @@ from torch import nn
 
 from occscene_pl.models import TextEncoder, register_tiny_config
 from occscene_pl.models.text_encoder import CONFIG_DIR, TINY_CONFIG_NAME
+from tests.conftest import REPO
 
 PROMPTS = ["a street with parked cars at night", "an empty road in the rain"]
 SOT, EOT = 49406, 49407  # open_clip's BPE start / end of text ids
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops on a shared 2-core machine: intra-op threads only add synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +374,7 @@ def test_quick_gelu_is_needed_for_sd(sd_tokenizer: object, sd_text_model: nn.Mod
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS)
 def test_paper_configs_use_sd_v1_conditioning(config: str) -> None:
-    section = yaml.safe_load((Path(__file__).parents[2] / "configs" / f"{config}.yaml").read_text())["model"]
+    section = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())["model"]
     text = section["text_encoder"]
     assert text["model_name"] == "ViT-L-14-quickgelu" and text["padding"] == "eot"
     assert text["pretrained"] == "checkpoints/open_clip/ViT-L-14-openai.pt"

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import yaml
 
+from occscene_pl.config_files import read_config
 from occscene_pl.models import MambaDualAlignment
 from occscene_pl.models.generator import ResidualSpec
 
@@ -69,7 +69,7 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        options = dict(yaml.safe_load(CONFIG.read_text())["model"]["aligner"])
+        options = dict(read_config(CONFIG)["model"]["aligner"])  # with configs/base.yaml merged
         camera = kitti_camera()
         h, w = IMAGE_SIZE[0] // 8, IMAGE_SIZE[1] // 8
         generator = torch.Generator().manual_seed(0)

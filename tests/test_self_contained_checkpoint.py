@@ -85,7 +85,8 @@ def write_fit_files(folder: Path) -> dict[str, Path]:
 
 def model_args(files: dict[str, Path]) -> list[str]:
     """Model options naming every fit-time file (dict options replace the tiny overlay's whole group)."""
-    generator = {"pretrained": str(files["diffusers"]), "sampler": "ddim"}
+    # Typed groups merge field by field: the tiny overlay's `unet` must be cleared for `pretrained` to be used.
+    generator = {"pretrained": str(files["diffusers"]), "unet": None, "sampler": "ddim"}
     text_encoder = {"model_name": "occscene-tiny-clip", "pretrained": str(files["open_clip"])}
     perceiver = {**PERCEIVER, "pretrained": str(files["timm"])}
     return [

@@ -1,7 +1,11 @@
 """The ``occscene-pl`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
 
 Configs are YAML files parsed in OmegaConf mode (so ``${...}`` interpolation works) and compose left to right:
-``occscene-pl fit --config configs/kitti.yaml --config configs/overlays/debug.yaml``. Dataset facts
+``occscene-pl fit --config configs/kitti.yaml --config configs/overlays/debug.yaml``. A config may also extend
+others itself with a top-level ``__base__`` key (:mod:`occscene_pl.config_files`): ``configs/kitti.yaml`` holds only
+what differs from ``configs/base.yaml``. Every model option group is typed (:mod:`occscene_pl.config`,
+:mod:`occscene_pl.options`), so later configs and flags change single fields (``--model.aligner.depth_bins 16``),
+``--help`` documents every field and a misspelt one fails when the config is parsed. Dataset facts
 (``num_classes``, ``class_names``, ``class_weights``, ``grid_size``) are linked from the DataModule into the model,
 never repeated.
 
@@ -23,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from occscene_pl.checkpoint_architecture import read_architecture, self_contained_model_config
+from occscene_pl.config_files import PARSER_MODE, register_parser_mode
 from occscene_pl.data.base import OccupancyDataModule
 from occscene_pl.module import OccSceneModule
 from occscene_pl.writer import GenerationWriter
 
 __all__ = ["OccSceneCLI", "main"]
+
+_NETWORK_GROUPS = ("generator", "text_encoder", "aligner", "perceiver")
 
 
 class OccSceneCLI(LightningCLI):
@@ -121,7 +129,11 @@ class OccSceneCLI(LightningCLI):
         model = self.config[subcommand]["model"]
         changes = self_contained_model_config(model.as_dict(), read_architecture(ckpt_path), ckpt_path)
         for key, value in changes.items():
-            self.config[f"{subcommand}.model.{key}"] = value
+            if key in _NETWORK_GROUPS:  # typed groups: set field by field (the free-form ones stay dicts)
+                for field, field_value in value.items():
+                    self.config[f"{subcommand}.model.{key}.{field}"] = field_value
+            else:
+                self.config[f"{subcommand}.model.{key}"] = value
 
     def before_predict(self) -> None:
         if not any(isinstance(callback, GenerationWriter) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
@@ -155,6 +167,9 @@ def _set_option(options: dict[str, Any], dotted: str, value: Any) -> None:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``occscene-pl``; ``args`` lets tests call it without a subprocess."""
+    register_parser_mode()
+    # The option dataclasses document their fields with attribute docstrings: show them in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     OccSceneCLI(
         OccSceneModule,
         OccupancyDataModule,
@@ -162,7 +177,7 @@ def main(args: ArgsType = None) -> None:
         auto_configure_optimizers=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": PARSER_MODE},
         args=args,
     )
 

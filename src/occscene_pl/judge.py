@@ -6,12 +6,14 @@ of ``decode(x0_hat)``, so it learns the generator's quirks and flatters it. The 
 ``perception``-mode checkpoint (stage 1, trained on real images only), frozen; ``model.evaluation.judge`` names it.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: no code runs from the file. The judge's architecture
-comes from the checkpoint's own saved settings (``hyper_parameters.perceiver``), without its pretrained backbone file
-(the weights come from the checkpoint).
+comes from the checkpoint's own saved settings (``hyper_parameters.perceiver``: a
+:class:`~occscene_pl.options.PerceiverOptions`, or a dict in checkpoints written before it), without its pretrained
+backbone file (the weights come from the checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 
 import occscene_pl.config  # noqa: F401 - registers the option dataclasses as safe globals
 from occscene_pl.models import OccupancyPerceiver
+from occscene_pl.options import PerceiverOptions, coerce_options
 
 __all__ = ["load_judge", "read_checkpoint"]
 
@@ -39,8 +42,8 @@ def read_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{option}: checkpoint {path} does not exist or is not a file")
     try:
-        # Our option dataclasses are allowed globally (occscene_pl.config); a `safe_globals` context here would
-        # remove them again on exit.
+        # Our option dataclasses are allowed globally (occscene_pl.config, occscene_pl.options); a `safe_globals`
+        # context here would remove them again on exit.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - zip, unpickling or safety errors: one line naming the file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -81,9 +84,12 @@ def load_judge(path: str | Path, num_classes: int, grid_size: Sequence[int]) -> 
             f"{option}: {path} predicts {judge_classes} classes on a {judge_grid} grid, but the model has "
             f"{num_classes} classes on {tuple(grid_size)}"
         )
-    options = dict(hparams.get("perceiver") or {})
-    options["pretrained"] = None  # the weights come from the checkpoint, not from the backbone file of fit time
-    judge = OccupancyPerceiver(num_classes, judge_grid, **options)
+    try:  # a PerceiverOptions, or a plain dict in checkpoints written before the option classes
+        options = coerce_options(PerceiverOptions, hparams.get("perceiver"))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{option}: {path} has unusable perceiver settings: {error}") from error
+    # The weights come from the checkpoint, not from the backbone file of fit time.
+    judge = OccupancyPerceiver(num_classes, judge_grid, **dataclasses.replace(options, pretrained=None).kwargs())
     prefix = "perceiver."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:

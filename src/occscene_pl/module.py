@@ -41,6 +41,13 @@ from occscene_pl.judge import load_judge
 from occscene_pl.losses import SSCLossWeights, diffusion_loss, ssc_loss
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
+from occscene_pl.options import (
+    AlignerOptions,
+    GeneratorOptions,
+    PerceiverOptions,
+    TextEncoderOptions,
+    coerce_options,
+)
 from occscene_pl.render import render_occupancy_figure
 from occscene_pl.sampling import Camera, labels_to_probabilities, sample_scenes
 
@@ -53,6 +60,10 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 Mode = Literal["perception", "generation", "joint"]
 _CAMERA_KEYS = ("intrinsics", "voxel_to_camera", "voxel_origin", "voxel_size")
+# Defaults of the network options (frozen, so sharing one instance is safe); typed as the option classes so that
+# LightningCLI lists their fields in --help and sets them one by one.
+_GENERATOR, _TEXT_ENCODER = GeneratorOptions(), TextEncoderOptions()
+_ALIGNER, _PERCEIVER = AlignerOptions(), PerceiverOptions()
 
 
 def _slice_batch(batch: Mapping[str, Any], index: Sequence[int]) -> dict[str, Any]:
@@ -72,20 +83,21 @@ def _slice_batch(batch: Mapping[str, Any], index: Sequence[int]) -> dict[str, An
 class OccSceneModule(pl.LightningModule):
     """OccScene: joint text-to-scene generation and semantic occupancy perception (see the module docstring).
 
+    The four network groups (``generator``, ``text_encoder``, ``aligner``, ``perceiver``) are the dataclasses of
+    :mod:`occscene_pl.options`; from Python each also accepts a plain dict of its fields (converted, an unknown key
+    is an error naming it) or None (the defaults).
+
     Args:
         num_classes: Occupancy classes (0 = empty); linked from the DataModule.
         grid_size: ``(X, Y, Z)`` of the dataset's occupancy; linked from the DataModule.
         class_names: Linked from the DataModule (names the per-class IoU logs).
         class_weights: CE class weights by train id; linked from the DataModule (MonoScene / OpenOccupancy values).
         mode: ``perception``, ``generation`` or ``joint`` (``docs/design.md`` §2.2).
-        generator: :class:`~occscene_pl.models.SceneGenerator` arguments (``pretrained`` folder or ``unet``/``vae``
-            configs, ``scheduler``, ``sampler``, ...). Unused in ``perception`` mode.
-        text_encoder: :class:`~occscene_pl.models.TextEncoder` arguments; its width must equal the UNet's
-            ``cross_attention_dim``.
-        aligner: :class:`~occscene_pl.models.MambaDualAlignment` arguments besides ``num_classes``, ``residual_spec``
-            and ``latent_channels`` (taken from the generator).
-        perceiver: :class:`~occscene_pl.models.OccupancyPerceiver` arguments besides ``num_classes`` and
-            ``grid_size``.
+        generator: The generator (``pretrained`` folder or ``unet``/``vae`` configs, ``scheduler``, ``sampler``,
+            ...); required in ``generation`` and ``joint`` modes, unused in ``perception`` mode.
+        text_encoder: The open_clip text encoder; its width must equal the UNet's ``cross_attention_dim``.
+        aligner: MambaDualAlignment (occupancy -> UNet residuals).
+        perceiver: The MonoScene-style perceiver (image -> occupancy).
         loss: Loss weights and the ``g(t)`` weighting.
         optimizer: Learning rates per part, AdamW settings, warm-up.
         sampling: The sampling loop of validation, test and predict.
@@ -113,10 +125,10 @@ class OccSceneModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         class_weights: Sequence[float] | None = None,
         mode: Mode = "joint",
-        generator: dict[str, Any] | None = None,
-        text_encoder: dict[str, Any] | None = None,
-        aligner: dict[str, Any] | None = None,
-        perceiver: dict[str, Any] | None = None,
+        generator: GeneratorOptions = _GENERATOR,
+        text_encoder: TextEncoderOptions = _TEXT_ENCODER,
+        aligner: AlignerOptions = _ALIGNER,
+        perceiver: PerceiverOptions = _PERCEIVER,
         loss: LossConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         sampling: SamplingConfig | None = None,
@@ -129,6 +141,12 @@ class OccSceneModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
+        # Python callers may pass plain dicts (or None for the defaults), e.g. the hyper-parameters of a checkpoint
+        # written before the option classes: converted before they are saved, so checkpoints hold the classes.
+        generator = coerce_options(GeneratorOptions, generator)
+        text_encoder = coerce_options(TextEncoderOptions, text_encoder)
+        aligner = coerce_options(AlignerOptions, aligner)
+        perceiver = coerce_options(PerceiverOptions, perceiver)
         self.save_hyperparameters()
         if mode not in ("perception", "generation", "joint"):
             raise ValueError(f"model.mode must be perception, generation or joint, got {mode!r}")
@@ -164,23 +182,25 @@ class OccSceneModule(pl.LightningModule):
         lw = self.loss_config
         self.ssc_weights = SSCLossWeights(lw.ce, lw.sem_scal, lw.geo_scal, lw.frustum, lw.relation)
 
-        self.perceiver = OccupancyPerceiver(self.num_classes, self.grid_size, **(perceiver or {}))
+        self.perceiver = OccupancyPerceiver(self.num_classes, self.grid_size, **perceiver.kwargs())
         self.generator: SceneGenerator | None = None
         self.text_encoder: TextEncoder | None = None
         self.aligner: MambaDualAlignment | None = None
         self.ema: nn.ModuleDict | None = None
         if mode != "perception":
-            if generator is None:
-                raise ValueError(f"model.generator is required in {mode} mode (a `pretrained` folder or `unet` config)")
-            self.generator = SceneGenerator(**generator)
-            self.text_encoder = TextEncoder(**(text_encoder or {}))
+            if not generator.is_configured:
+                raise ValueError(
+                    f"model.generator is required in {mode} mode (model.generator.pretrained or model.generator.unet)"
+                )
+            self.generator = SceneGenerator(**generator.kwargs())
+            self.text_encoder = TextEncoder(**text_encoder.kwargs())
             if self.text_encoder.width != self.generator.cross_attention_dim:
                 raise ValueError(
                     f"model.text_encoder width {self.text_encoder.width} != the UNet's cross_attention_dim "
                     f"{self.generator.cross_attention_dim}; pick a matching open_clip model or UNet config"
                 )
             self.aligner = MambaDualAlignment(
-                self.num_classes, self.generator.residual_spec(), self.generator.latent_channels, **(aligner or {})
+                self.num_classes, self.generator.residual_spec(), self.generator.latent_channels, **aligner.kwargs()
             )
         if init_from is not None:
             self._load_initial_weights(Path(init_from))

@@ -10,10 +10,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-import yaml
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from occscene_pl.config_files import read_config
 from occscene_pl.models import TextEncoder, register_tiny_config
 from occscene_pl.models.text_encoder import CONFIG_DIR, TINY_CONFIG_NAME
 from tests.conftest import REPO
@@ -374,7 +374,7 @@ def test_quick_gelu_is_needed_for_sd(sd_tokenizer: object, sd_text_model: nn.Mod
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS)
 def test_paper_configs_use_sd_v1_conditioning(config: str) -> None:
-    section = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())["model"]
+    section = read_config(REPO / "configs" / f"{config}.yaml")["model"]  # with base.yaml merged
     text = section["text_encoder"]
     assert text["model_name"] == "ViT-L-14-quickgelu" and text["padding"] == "eot"
     assert text["pretrained"] == "checkpoints/open_clip/ViT-L-14-openai.pt"

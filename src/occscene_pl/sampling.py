@@ -16,32 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from occscene_pl.camera import Camera  # re-exported: ``from occscene_pl.sampling import Camera`` keeps working
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
+from occscene_pl.models.frustum import labels_to_probabilities  # re-exported
 
 __all__ = ["Camera", "SampleResult", "initial_noise", "labels_to_probabilities", "sample_scenes"]
-
-
-@dataclass
-class Camera:
-    """The rig of a batch of scenes: ``intrinsics (B, V, 3, 3)``, ``voxel_to_camera (B, V, 4, 4)``, ``voxel_origin
-    (B, 3)``, ``voxel_size (B,)`` and the ``image_size (H, W)`` the intrinsics refer to."""
-
-    intrinsics: Tensor
-    voxel_to_camera: Tensor
-    voxel_origin: Tensor
-    voxel_size: Tensor
-    image_size: tuple[int, int]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.intrinsics.shape[0])
-
-    @property
-    def views(self) -> int:
-        return int(self.intrinsics.shape[1])
 
 
 @dataclass
@@ -51,14 +32,6 @@ class SampleResult:
 
     images: Tensor
     logits: Tensor
-
-
-def labels_to_probabilities(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(B, X, Y, Z)`` train ids -> ``(B, C, X, Y, Z)`` one-hot; 255 and other out-of-range labels -> all zeros."""
-    labels = labels.long()
-    valid = (labels >= 0) & (labels < num_classes)
-    one_hot = F.one_hot(torch.where(valid, labels, 0), num_classes).to(dtype) * valid[..., None].to(dtype)
-    return one_hot.permute(0, 4, 1, 2, 3)
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -143,15 +116,7 @@ def sample_scenes(
         if condition is None and x0_hat is not None and i % occupancy_refresh == 0:
             images = generator.decode(x0_hat).unflatten(0, (b, v))
             occupancy = torch.softmax(_perceive(perceiver, images, camera).float(), dim=1)
-        down, mid = aligner(
-            occupancy,
-            camera.intrinsics,
-            camera.voxel_to_camera,
-            camera.voxel_origin,
-            camera.voxel_size,
-            camera.image_size,
-            model_input,
-        )
+        down, mid = aligner(occupancy, camera, model_input)
         timestep = t.expand(model_input.shape[0]) if t.ndim == 0 else t
         if guided:
             doubled = [torch.cat([r, r]) for r in down] if down is not None else None

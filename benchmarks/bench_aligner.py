@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from occscene_pl.camera import Camera
 from occscene_pl.config_files import read_config
 from occscene_pl.models import MambaDualAlignment
 from occscene_pl.models.generator import ResidualSpec
@@ -87,7 +88,7 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
                 return aligner.frustum_volume(probabilities, **camera, image_size=IMAGE_SIZE, latent_size=(h, w))
 
             def forward(aligner: MambaDualAlignment = aligner, probabilities: torch.Tensor = probabilities) -> Any:
-                return aligner(probabilities, **camera, image_size=IMAGE_SIZE, latents=latents)
+                return aligner(probabilities, Camera(**camera, image_size=IMAGE_SIZE), latents)
 
             def no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
                 def step() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from occscene_pl.camera import Camera
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
 from occscene_pl.sampling import labels_to_probabilities
 
@@ -85,7 +86,7 @@ def run(out_dir: pathlib.Path, repeats: int = 5) -> dict[str, Any]:
         return generator(noisy, timesteps, text)
 
     def aligner_fwd() -> Any:
-        return aligner(occupancy, *cam, (height, width), noisy)
+        return aligner(occupancy, Camera(*cam, (height, width)), noisy)
 
     def perceiver_fwd() -> torch.Tensor:
         return perceiver(images, *cam)["logits"]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "VoxelProjection",
+    "grid_sample_dtype",
     "pixels_to_grid",
     "project_points",
     "project_voxels",
@@ -142,6 +143,20 @@ def pixels_to_grid(pixels: Tensor, image_size: Sequence[int]) -> Tensor:
     height, width = image_size
     scale = pixels.new_tensor([2.0 / width, 2.0 / height])
     return (pixels + 0.5) * scale - 1.0
+
+
+def grid_sample_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype to run ``grid_sample`` in for ``tensor``: float32 for half precision, else its own dtype.
+
+    Half-precision grid coordinates are off by a fraction of a voxel at the grid sizes of the datasets.
+
+    Args:
+        tensor: The sampled volume (or any tensor of the computation).
+
+    Returns:
+        ``torch.float32`` for float16 / bfloat16, ``tensor.dtype`` otherwise.
+    """
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 def vox2pix(

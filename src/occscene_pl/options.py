@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 
-from occscene_pl.models.alignment import DepthSpacing, FrustumSampling
+from occscene_pl.models.frustum import DepthSpacing, FrustumSampling
 from occscene_pl.models.generator import SAMPLERS, SamplerName
 from occscene_pl.models.text_encoder import Padding
 

@@ -45,9 +45,7 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.devi
 
 
 def _perceive(perceiver: OccupancyPerceiver, images: Tensor, camera: Camera) -> Tensor:
-    return perceiver(images, camera.intrinsics, camera.voxel_to_camera, camera.voxel_origin, camera.voxel_size)[
-        "logits"
-    ]
+    return perceiver(images, camera)["logits"]
 
 
 @torch.no_grad()

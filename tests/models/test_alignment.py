@@ -7,11 +7,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from occscene_pl.camera import Camera
 from occscene_pl.geometry import project_points
-from occscene_pl.models.alignment import (
-    CameraEncoder,
-    DeformConv3d,
-    MambaDualAlignment,
+from occscene_pl.models.alignment import CameraEncoder, MambaDualAlignment
+from occscene_pl.models.deform_conv import DeformConv3d
+from occscene_pl.models.frustum import (
     depth_bin_centers,
     depth_bin_edges,
     frustum_grid,
@@ -413,6 +413,22 @@ def _tiny_mda(spec: ResidualSpec, **kwargs: object) -> MambaDualAlignment:
     return MambaDualAlignment(NUM_CLASSES, spec, latent_channels=4, **options)  # type: ignore[arg-type]
 
 
+def _align(
+    mda: MambaDualAlignment,
+    occupancy: torch.Tensor | None,
+    intrinsics: torch.Tensor,
+    voxel_to_camera: torch.Tensor,
+    voxel_origin: torch.Tensor,
+    voxel_size: torch.Tensor,
+    image_size: tuple[int, ...],
+    latents: torch.Tensor,
+    frames: int = 1,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """Call the aligner with the unpacked fields of :func:`_scene` gathered into a :class:`Camera`."""
+    camera = Camera(intrinsics, voxel_to_camera, voxel_origin, voxel_size, image_size)  # type: ignore[arg-type]
+    return mda(occupancy, camera, latents, frames=frames)
+
+
 @pytest.fixture(scope="module")
 def unet_and_spec() -> tuple[UNet2DConditionModel, ResidualSpec]:
     torch.manual_seed(0)
@@ -436,7 +452,7 @@ def test_residuals_are_zero_at_init_and_leave_the_unet_output_unchanged(unet_and
     mda = _tiny_mda(spec)
     scene = _scene(2, 1)
     latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
-    down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+    down, mid = _align(mda, **scene, image_size=(32, 32), latents=latents)
     assert [tuple(r.shape) for r in down] == [(2, 16, 8, 8), (2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4)]
     assert tuple(mid.shape) == (2, 32, 4, 4)
     assert all(torch.count_nonzero(r) == 0 for r in [*down, mid])
@@ -457,7 +473,7 @@ def test_training_makes_residuals_nonzero_and_reaches_every_parameter(unet_and_s
 
     def step() -> tuple[list[torch.Tensor], torch.Tensor]:
         optimiser.zero_grad()
-        down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+        down, mid = _align(mda, **scene, image_size=(32, 32), latents=latents)
         out = unet(latents, 10, text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
         torch.nn.functional.mse_loss(out.sample, target).backward()
         return down, mid
@@ -484,12 +500,12 @@ def test_one_sequence_per_sample_spans_its_views_and_frames(batch: int, views: i
     scene = _scene(batch, views)
     latents = torch.randn(batch * views, 4, 8, 8)
     with torch.no_grad():
-        down, mid = mda(**scene, image_size=(32, 32), latents=latents, frames=frames)
+        down, mid = _align(mda, **scene, image_size=(32, 32), latents=latents, frames=frames)
         assert [tuple(r.shape) for r in down] == [(batch * views, 8, 8, 8), (batch * views, 12, 4, 4)]
         assert tuple(mid.shape) == (batch * views, 12, 4, 4)
         changed = latents.clone()
         changed[1] += 1.0  # the 2nd entry: view 1 of sample 0 (V = 2), or frame 1 of clip 0 (frames = 2)
-        down2, _ = mda(**scene, image_size=(32, 32), latents=changed, frames=frames)
+        down2, _ = _align(mda, **scene, image_size=(32, 32), latents=changed, frames=frames)
     group = views * frames  # entries sharing one sequence
     per_entry = (down2[1] - down[1]).abs().flatten(1).amax(dim=1)
     assert per_entry[0] > 1e-5  # entry 0 sees entry 1 through the shared scan
@@ -510,8 +526,8 @@ def test_integer_labels_equal_their_one_hot_probabilities(sampling: str) -> None
     latents = torch.randn(1, 4, 8, 8)
     scene.pop("occupancy")
     with torch.no_grad():
-        a = mda(labels, **scene, image_size=(32, 32), latents=latents)
-        b = mda(one_hot, **scene, image_size=(32, 32), latents=latents)
+        a = _align(mda, labels, **scene, image_size=(32, 32), latents=latents)
+        b = _align(mda, one_hot, **scene, image_size=(32, 32), latents=latents)
     torch.testing.assert_close(a[0][0], b[0][0])
     torch.testing.assert_close(a[1], b[1])
 
@@ -531,7 +547,7 @@ def test_checkpointing_gives_the_same_numbers_and_gradients() -> None:
         mda.gradient_checkpointing = enabled
         assert mda.deform_conv.checkpoint_taps is enabled
         mda.zero_grad()
-        down, mid = mda(**scene, image_size=(32, 32), latents=latents)
+        down, mid = _align(mda, **scene, image_size=(32, 32), latents=latents)
         (down[0].square().sum() + mid.square().sum()).backward()
         outputs.append(down[0].detach())
         grads.append([p.grad.clone() for p in mda.parameters()])
@@ -544,7 +560,7 @@ def test_no_occupancy_means_no_residuals() -> None:
     mda = _tiny_mda(ResidualSpec(channels=[8], downsample=[1], mid_channels=8, mid_downsample=1))
     scene = _scene(1, 1)
     scene["occupancy"] = None  # type: ignore[assignment]
-    assert mda(**scene, image_size=(32, 32), latents=torch.randn(1, 4, 8, 8)) == (None, None)
+    assert _align(mda, **scene, image_size=(32, 32), latents=torch.randn(1, 4, 8, 8)) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -564,7 +580,7 @@ def test_bad_inputs_raise_clear_errors(change: dict, message: str) -> None:
     inputs: dict = dict(_scene(1, 1), image_size=(32, 32), latents=torch.randn(1, 4, 8, 8))
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
-        mda(**inputs)
+        _align(mda, **inputs)
 
 
 def test_constructor_rejects_an_unknown_frustum_sampling() -> None:

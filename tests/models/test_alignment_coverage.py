@@ -16,15 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from occscene_pl.camera import Camera
 from occscene_pl.geometry import project_points
-from occscene_pl.models.alignment import (
-    MambaDualAlignment,
-    depth_bin_edges,
-    frustum_grid,
-    frustum_points,
-    sample_frustum,
-    splat_frustum,
-)
+from occscene_pl.models.alignment import MambaDualAlignment
+from occscene_pl.models.frustum import depth_bin_edges, frustum_grid, frustum_points, sample_frustum, splat_frustum
 from occscene_pl.models.generator import ResidualSpec
 from tests.fakes import nuscenes_occupancy as fake_nuscenes
 from tests.fakes.nyuv2 import NYU_K, fake_camera_pose
@@ -151,15 +146,14 @@ def aligner_coverage(scene: PaperScene, sampling: str, in_view: torch.Tensor | N
         torch.nn.init.normal_(conv.weight, std=0.5)
     probabilities = torch.rand(1, scene.num_classes, *scene.grid_size).requires_grad_(True)
     views = scene.intrinsics.shape[1]
-    down, mid = mda(
-        probabilities,
+    camera = Camera(
         scene.intrinsics,
         scene.voxel_to_camera,
         torch.tensor([scene.voxel_origin]),
         torch.tensor([scene.voxel_size]),
         scene.image_size,
-        torch.randn(views, 4, *scene.latent_size),
     )
+    down, mid = mda(probabilities, camera, torch.randn(views, 4, *scene.latent_size))
     loss = sum((r * torch.randn_like(r)).sum() for r in [*down, mid])
     loss.backward()  # type: ignore[union-attr]
     assert probabilities.grad is not None

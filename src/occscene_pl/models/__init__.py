@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from occscene_pl.models.alignment import CameraEncoder, DeformConv3d, MambaDualAlignment
+from occscene_pl.models.alignment import CameraEncoder, MambaDualAlignment
+from occscene_pl.models.deform_conv import DeformConv3d
 from occscene_pl.models.generator import ResidualSpec, SceneGenerator
 from occscene_pl.models.mamba import BiMambaBlock, MambaMixer
 from occscene_pl.models.perceiver import OccupancyPerceiver

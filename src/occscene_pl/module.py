@@ -20,9 +20,7 @@ Inception weights). ``predict`` is batch generation (text-only or layout-control
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,16 +29,19 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from occscene_pl import ema as ema_lib
+from occscene_pl import random_streams
+from occscene_pl.callbacks import GENERATED_KEY, SampleImageLogger
 from occscene_pl.config import EvaluationConfig, LossConfig, OptimizerConfig, SamplingConfig
 from occscene_pl.generation_metrics import GenerationMetrics
 from occscene_pl.judge import load_judge
 from occscene_pl.losses import SSCLossWeights, diffusion_loss, ssc_loss
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
+from occscene_pl.optim import build_optimizer
 from occscene_pl.options import (
     AlignerOptions,
     GeneratorOptions,
@@ -48,7 +49,7 @@ from occscene_pl.options import (
     TextEncoderOptions,
     coerce_options,
 )
-from occscene_pl.render import render_occupancy_figure
+from occscene_pl.samples import GeneratedSample
 from occscene_pl.sampling import Camera, labels_to_probabilities, sample_scenes
 
 __all__ = ["OccSceneModule"]
@@ -78,6 +79,21 @@ def _slice_batch(batch: Mapping[str, Any], index: Sequence[int]) -> dict[str, An
         else:
             out[key] = value
     return out
+
+
+def _check_options(
+    mode: str, gt_condition_prob: float, text_dropout: float, condition_dropout: float, ema_decay: float | None
+) -> None:
+    """Raise a ``ValueError`` naming the first out-of-range option of :class:`OccSceneModule`."""
+    if mode not in ("perception", "generation", "joint"):
+        raise ValueError(f"model.mode must be perception, generation or joint, got {mode!r}")
+    probabilities = {"gt_condition_prob": gt_condition_prob, "text_dropout": text_dropout}
+    probabilities["condition_dropout"] = condition_dropout
+    for name, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"model.{name} must be in [0, 1], got {value}")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
 
 
 class OccSceneModule(pl.LightningModule):
@@ -148,16 +164,7 @@ class OccSceneModule(pl.LightningModule):
         aligner = coerce_options(AlignerOptions, aligner)
         perceiver = coerce_options(PerceiverOptions, perceiver)
         self.save_hyperparameters()
-        if mode not in ("perception", "generation", "joint"):
-            raise ValueError(f"model.mode must be perception, generation or joint, got {mode!r}")
-        if not 0.0 <= gt_condition_prob <= 1.0:
-            raise ValueError(f"model.gt_condition_prob must be in [0, 1], got {gt_condition_prob}")
-        if not 0.0 <= text_dropout <= 1.0:
-            raise ValueError(f"model.text_dropout must be in [0, 1], got {text_dropout}")
-        if not 0.0 <= condition_dropout <= 1.0:
-            raise ValueError(f"model.condition_dropout must be in [0, 1], got {condition_dropout}")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        _check_options(mode, gt_condition_prob, text_dropout, condition_dropout, ema_decay)
         self.mode: Mode = mode
         self.num_classes = int(num_classes)
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -173,71 +180,96 @@ class OccSceneModule(pl.LightningModule):
         self.condition_dropout = float(condition_dropout)
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.ema_warmup = bool(ema_warmup)
-        weights = None
-        if class_weights is not None and self.loss_config.use_class_weights:
-            if len(class_weights) != num_classes:
-                raise ValueError(f"model.class_weights has {len(class_weights)} values, expected {num_classes}")
-            weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
-        self.register_buffer("class_weights", weights, persistent=False)
-        lw = self.loss_config
-        self.ssc_weights = SSCLossWeights(lw.ce, lw.sem_scal, lw.geo_scal, lw.frustum, lw.relation)
 
-        self.perceiver = OccupancyPerceiver(self.num_classes, self.grid_size, **perceiver.kwargs())
-        self.generator: SceneGenerator | None = None
-        self.text_encoder: TextEncoder | None = None
-        self.aligner: MambaDualAlignment | None = None
-        self.ema: nn.ModuleDict | None = None
-        if mode != "perception":
-            if not generator.is_configured:
-                raise ValueError(
-                    f"model.generator is required in {mode} mode (model.generator.pretrained or model.generator.unet)"
-                )
-            self.generator = SceneGenerator(**generator.kwargs())
-            self.text_encoder = TextEncoder(**text_encoder.kwargs())
-            if self.text_encoder.width != self.generator.cross_attention_dim:
-                raise ValueError(
-                    f"model.text_encoder width {self.text_encoder.width} != the UNet's cross_attention_dim "
-                    f"{self.generator.cross_attention_dim}; pick a matching open_clip model or UNet config"
-                )
-            self.aligner = MambaDualAlignment(
-                self.num_classes, self.generator.residual_spec(), self.generator.latent_channels, **aligner.kwargs()
-            )
+        self._build_losses(class_weights)
+        self._build_networks(generator, text_encoder, aligner, perceiver)
         if init_from is not None:
             self._load_initial_weights(Path(init_from))
-        if ema_decay is not None and self.generator is not None and self.aligner is not None:
-            # The aligner is averaged with the UNet: sampling pairs them, so both come from the same average.
-            self.ema = nn.ModuleDict(
-                {"unet": copy.deepcopy(self.generator.unet), "aligner": copy.deepcopy(self.aligner)}
-            ).requires_grad_(False)
-            self.ema.eval()
-            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._build_ema()
         if mode == "generation":
             self.perceiver.requires_grad_(False)
-
-        self.ssc_metrics = nn.ModuleDict({stage: SSCMetric(self.num_classes) for stage in ("val", "test")})
-        self.generation_metrics = nn.ModuleDict(
-            {
-                stage: GenerationMetrics(
-                    self.num_classes,
-                    inception_weights=self.evaluation.inception_weights,
-                    kid_subset_size=self.evaluation.kid_subset_size,
-                )
-                for stage in ("val", "test")
-            }
-            if mode != "perception"
-            else {}
-        )
-        # The judge's consistency scores (headline ``consistency_*``); the judge itself is loaded on first use and
-        # kept out of the state dict: it is an evaluation instrument, not part of the model.
-        self.judge_metrics = nn.ModuleDict(
-            {stage: SSCMetric(self.num_classes) for stage in ("val", "test")} if mode != "perception" else {}
-        )
-        self.__dict__["_judge"] = None
+        self._build_metrics()
         self._rng_step, self._micro_batch = -1, 0  # see training_step / step_generator
         self._reported: set[str] = set()
         self._generated: set[str] = set()
 
     # ------------------------------------------------------------------ set-up
+    def _build_losses(self, class_weights: Sequence[float] | None) -> None:
+        """The SSC term weights and the CE class weights (a non-persistent buffer, None unless used)."""
+        weights = None
+        if class_weights is not None and self.loss_config.use_class_weights:
+            if len(class_weights) != self.num_classes:
+                raise ValueError(f"model.class_weights has {len(class_weights)} values, expected {self.num_classes}")
+            weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+        lw = self.loss_config
+        self.ssc_weights = SSCLossWeights(lw.ce, lw.sem_scal, lw.geo_scal, lw.frustum, lw.relation)
+
+    def _build_networks(
+        self,
+        generator: GeneratorOptions,
+        text_encoder: TextEncoderOptions,
+        aligner: AlignerOptions,
+        perceiver: PerceiverOptions,
+    ) -> None:
+        """The perceiver always; the generator, text encoder and aligner except in ``perception`` mode."""
+        self.perceiver = OccupancyPerceiver(self.num_classes, self.grid_size, **perceiver.kwargs())
+        self.generator: SceneGenerator | None = None
+        self.text_encoder: TextEncoder | None = None
+        self.aligner: MambaDualAlignment | None = None
+        if self.mode == "perception":
+            return
+        if not generator.is_configured:
+            raise ValueError(
+                f"model.generator is required in {self.mode} mode (model.generator.pretrained or model.generator.unet)"
+            )
+        self.generator = SceneGenerator(**generator.kwargs())
+        self.text_encoder = TextEncoder(**text_encoder.kwargs())
+        if self.text_encoder.width != self.generator.cross_attention_dim:
+            raise ValueError(
+                f"model.text_encoder width {self.text_encoder.width} != the UNet's cross_attention_dim "
+                f"{self.generator.cross_attention_dim}; pick a matching open_clip model or UNet config"
+            )
+        self.aligner = MambaDualAlignment(
+            self.num_classes, self.generator.residual_spec(), self.generator.latent_channels, **aligner.kwargs()
+        )
+
+    def _build_ema(self) -> None:
+        """The EMA of the UNet and the aligner (``ema_decay`` set and a generator built), else ``self.ema = None``."""
+        self.ema: nn.ModuleDict | None = None
+        if self.ema_decay is not None and self.generator is not None and self.aligner is not None:
+            # The aligner is averaged with the UNet: sampling pairs them, so both come from the same average.
+            self.ema = ema_lib.make_ema({"unet": self.generator.unet, "aligner": self.aligner})
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    def _build_metrics(self) -> None:
+        """SSC scores of the perceiver and, with a generator, generation and judge scores, for val and test."""
+        stages = ("val", "test")
+        self.ssc_metrics = nn.ModuleDict({stage: SSCMetric(self.num_classes) for stage in stages})
+        generates = self.mode != "perception"
+        weights, kid_subset = self.evaluation.inception_weights, self.evaluation.kid_subset_size
+        self.generation_metrics = nn.ModuleDict(
+            {
+                stage: GenerationMetrics(self.num_classes, inception_weights=weights, kid_subset_size=kid_subset)
+                for stage in stages
+            }
+            if generates
+            else {}
+        )
+        # The judge's consistency scores (headline ``consistency_*``); the judge itself is loaded on first use and
+        # kept out of the state dict: it is an evaluation instrument, not part of the model.
+        self.judge_metrics = nn.ModuleDict(
+            {stage: SSCMetric(self.num_classes) for stage in stages} if generates else {}
+        )
+        self.__dict__["_judge"] = None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """:class:`~occscene_pl.callbacks.SampleImageLogger` when ``evaluation.log_images > 0`` and scenes are
+        generated in validation / test."""
+        if self.mode == "perception" or self.evaluation.log_images <= 0:
+            return []
+        return [SampleImageLogger(self.evaluation.log_images)]
+
     def _load_initial_weights(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist")
@@ -297,36 +329,8 @@ class OccSceneModule(pl.LightningModule):
             )
 
     def configure_optimizers(self) -> Any:
-        cfg = self.optimizer_config
-        groups: list[dict[str, Any]] = []
-        parts = self.trainable_parts()
-        if "perceiver" in parts:
-            backbone = [p for p in self.perceiver.encoder.parameters() if p.requires_grad]
-            backbone_ids = {id(p) for p in backbone}
-            rest = [p for p in self.perceiver.parameters() if p.requires_grad and id(p) not in backbone_ids]
-            lr_backbone = cfg.lr_perceiver_backbone if cfg.lr_perceiver_backbone is not None else cfg.lr_perceiver
-            groups += [
-                {"params": backbone, "lr": lr_backbone, "name": "perceiver_backbone"},
-                {"params": rest, "lr": cfg.lr_perceiver, "name": "perceiver"},
-            ]
-        if "unet" in parts:
-            groups.append(
-                {
-                    "params": [p for p in parts["unet"].parameters() if p.requires_grad],
-                    "lr": cfg.lr_unet,
-                    "name": "unet",
-                }
-            )
-            groups.append({"params": list(parts["aligner"].parameters()), "lr": cfg.lr_aligner, "name": "aligner"})
-        groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(
-            groups, betas=(float(cfg.betas[0]), float(cfg.betas[1])), weight_decay=cfg.weight_decay
-        )
-        if cfg.warmup_steps == 0:
-            return optimizer
-        warmup = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """AdamW over the :meth:`trainable_parts` (:func:`occscene_pl.optim.build_optimizer`)."""
+        return build_optimizer(self.trainable_parts(), self.optimizer_config)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -360,12 +364,12 @@ class OccSceneModule(pl.LightningModule):
         if judge is None:
             return None
         with torch.no_grad():
-            logits = judge(images, camera.intrinsics, camera.voxel_to_camera, camera.voxel_origin, camera.voxel_size)
+            logits = judge(images, camera)
         return logits["logits"].argmax(1)
 
     def perceive(self, images: Tensor, camera: Camera) -> dict[str, Tensor]:
         """The perceiver's output (``logits``, maybe ``relation_logits``) on ``(B, V, 3, H, W)`` images."""
-        return self.perceiver(images, camera.intrinsics, camera.voxel_to_camera, camera.voxel_origin, camera.voxel_size)
+        return self.perceiver(images, camera)
 
     def _ssc(self, output: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return ssc_loss(output, batch, self.ssc_weights, cast(Tensor | None, self.class_weights))
@@ -395,24 +399,9 @@ class OccSceneModule(pl.LightningModule):
         return self.text_encoder(list(prompts)).to(self.device)
 
     def step_generator(self, step: int, micro_batch: int = 0) -> torch.Generator:
-        """The CPU random stream of one training micro-batch: timesteps, noise, text and condition dropout and
-        teacher forcing are drawn from it.
-
-        It is seeded from ``(seed, global rank, optimizer step, micro-batch within the step)``, where ``seed`` is
-        the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``; ``torch.initial_seed()`` without one). So every DDP
-        rank draws its own timesteps and noise (``seed_everything`` alone seeds all ranks alike), and a
-        micro-batch's draws do not depend on what ran before it: a run resumed at an optimizer step draws exactly
-        what the uninterrupted one did (the global step is in every checkpoint).
-
-        Args:
-            step: The optimizer step (``global_step``) the micro-batch belongs to.
-            micro_batch: Its position among the step's accumulated micro-batches.
-        """
-        base = os.environ.get("PL_GLOBAL_SEED")
-        seed = int(base) if base is not None else torch.initial_seed()
-        words = [seed % 2**63, int(self.global_rank), int(step), int(micro_batch)]
-        state = np.random.SeedSequence([abs(w) for w in words]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        """The CPU random stream of one training micro-batch of this rank
+        (:func:`occscene_pl.random_streams.step_generator`)."""
+        return random_streams.step_generator(int(self.global_rank), step, micro_batch)
 
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -421,26 +410,14 @@ class OccSceneModule(pl.LightningModule):
         if self.ema is None or self.generator is None or not self.sampling.use_ema:
             yield
             return
-        live_unet, live_aligner = self.generator.unet, self.aligner
-        self.generator.unet = self.ema["unet"]
-        # Plain attribute swap: ``aligner`` is a registered submodule, so go through the module registry.
-        self._modules["aligner"] = self.ema["aligner"]
-        try:
+        swaps = [(self.generator, "unet", self.ema["unet"]), (self, "aligner", self.ema["aligner"])]
+        with ema_lib.swapped_modules(swaps):
             yield
-        finally:
-            self.generator.unet = live_unet
-            self._modules["aligner"] = live_aligner
 
     def ema_decay_at(self, update: int) -> float:
-        """EMA decay of update ``n = update`` (0-based). With warm-up, diffusers' ``EMAModel`` schedule: 0 for the
-        first update (the average starts as the weights after one step), then ``min(ema_decay, (1 + n) / (10 + n))``.
-        """
+        """EMA decay of update ``n = update`` (0-based): :func:`occscene_pl.ema.ema_decay` of ``ema_decay``."""
         assert self.ema_decay is not None
-        if not self.ema_warmup:
-            return self.ema_decay
-        if update <= 0:
-            return 0.0
-        return min(self.ema_decay, (1.0 + update) / (10.0 + update))
+        return ema_lib.ema_decay(update, self.ema_decay, self.ema_warmup)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -532,15 +509,7 @@ class OccSceneModule(pl.LightningModule):
         logs["timestep"] = t_scene.float().mean()
         text = self._encode_prompts(batch["prompt"], self.text_dropout, rng).repeat_interleave(v, 0)
         condition = self._condition(batch, real_out, rng)
-        down, mid = self.aligner(
-            condition,
-            camera.intrinsics,
-            camera.voxel_to_camera,
-            camera.voxel_origin,
-            camera.voxel_size,
-            camera.image_size,
-            noisy,
-        )
+        down, mid = self.aligner(condition, camera, noisy)
         if self.condition_dropout > 0 and down is not None and mid is not None:
             # Scenes trained without a condition: zero residuals are exactly the UNet without the aligner.
             kept = (torch.rand(b, generator=rng) >= self.condition_dropout).repeat_interleave(v)
@@ -570,17 +539,19 @@ class OccSceneModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and self.generator is not None and self.aligner is not None:
             updates = cast(Tensor, self.ema_updates)
-            decay = self.ema_decay_at(int(updates))
-            ema: list[Tensor] = [*self.ema["unet"].parameters(), *self.ema["aligner"].parameters()]
-            live: list[Tensor] = [
-                *(p.detach() for p in self.generator.unet.parameters()),
-                *(p.detach() for p in self.aligner.parameters()),
-            ]
-            torch._foreach_lerp_(ema, [p.to(e.dtype) for p, e in zip(live, ema, strict=True)], 1.0 - decay)
+            live = {"unet": self.generator.unet, "aligner": self.aligner}
+            ema_lib.update_ema(self.ema, live, self.ema_decay_at(int(updates)))
             updates += 1
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> dict[str, Tensor] | None:
+        """The shared validation / test step: SSC scores of the perceiver on the real images, then (for the first
+        ``generation_batches``) scenes generated from the ground truth and their scores.
+
+        Returns:
+            ``{GENERATED_KEY: (B, V, 3, H, W) images}`` when scenes were generated (read by
+            :class:`~occscene_pl.callbacks.SampleImageLogger`), else None.
+        """
         images = batch["image"]
         camera = self.camera(batch)
         output = self.perceive(images, camera)
@@ -588,7 +559,7 @@ class OccSceneModule(pl.LightningModule):
         cast(SSCMetric, self.ssc_metrics[stage]).update(output["logits"].argmax(1), batch["occupancy"])
         limit = self.evaluation.generation_batches if stage == "val" else self.evaluation.test_generation_batches
         if self.mode == "perception" or (0 <= limit <= batch_idx):
-            return
+            return None
         result = self._generate(batch, camera, condition=batch["occupancy"])
         metrics = cast(GenerationMetrics, self.generation_metrics[stage])
         metrics.update(images.flatten(0, 1), result.images.flatten(0, 1), result.logits.argmax(1), batch["occupancy"])
@@ -596,8 +567,7 @@ class OccSceneModule(pl.LightningModule):
         if judged is not None:
             cast(SSCMetric, self.judge_metrics[stage]).update(judged, batch["occupancy"])
         self._generated.add(stage)
-        if batch_idx == 0 and self.evaluation.log_images > 0:
-            self._log_samples(stage, batch, result.images)
+        return {GENERATED_KEY: result.images}
 
     def _generate(self, batch: Mapping[str, Any], camera: Camera, condition: Tensor | None, seeds: Any = None) -> Any:
         assert self.generator is not None and self.text_encoder is not None and self.aligner is not None
@@ -619,37 +589,6 @@ class OccSceneModule(pl.LightningModule):
                 occupancy_refresh=s.occupancy_refresh,
                 eta=s.eta,
             )
-
-    def _log_samples(self, stage: str, batch: Mapping[str, Any], generated: Tensor) -> None:
-        """One picture per logged scene: real image | generated image | the conditioning occupancy rendered."""
-        rows = []
-        for i in range(min(self.evaluation.log_images, generated.shape[0])):
-            real = (batch["image"][i, 0].float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-            fake = (generated[i, 0].clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-            figure = render_occupancy_figure(
-                batch["occupancy"][i].cpu().numpy(),
-                batch["voxel_origin"][i].cpu().numpy(),
-                float(torch.as_tensor(batch["voxel_size"][i])),
-                batch["intrinsics"][i, 0].cpu().numpy(),
-                batch["voxel_to_camera"][i, 0].cpu().numpy(),
-                real.shape[:2],
-            )
-            row = np.concatenate([real, fake, figure[: real.shape[0]]], axis=1)
-            rows.append(row)
-        width = max(r.shape[1] for r in rows)
-        picture = np.concatenate(
-            [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-        )
-        logger = self.logger
-        experiment = getattr(logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image(f"{stage}/samples", picture, self.global_step, dataformats="HWC")
-        elif logger is not None and logger.log_dir is not None and self.trainer.is_global_zero:
-            from PIL import Image
-
-            folder = Path(logger.log_dir) / "samples"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(picture).save(folder / f"{stage}_step{self.global_step:07d}.png")
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         metric = cast(SSCMetric, self.ssc_metrics[stage])
@@ -677,27 +616,21 @@ class OccSceneModule(pl.LightningModule):
         generation.reset()
         judge_metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
+        """:meth:`_evaluate` on a validation batch."""
+        return self._evaluate(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
+        """:meth:`_evaluate` on a test batch."""
+        return self._evaluate(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
 
     # ------------------------------------------------------------------ predict
-    def _prediction_writer(self) -> Any:
-        from occscene_pl.writer import GenerationWriter
-
-        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, GenerationWriter):
-                return callback
-        return None
-
     def _consistency(self, predicted: Tensor, reference: Tensor) -> tuple[float, float]:
         """``(mIoU, IoU)`` of predicted labels against reference labels (255 ignored)."""
         metric = SSCMetric(self.num_classes).to(predicted.device)
@@ -705,16 +638,19 @@ class OccSceneModule(pl.LightningModule):
         scores = metric.compute()
         return float(scores["miou"]), float(scores["iou"])
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Generate the batch's scenes; samples the writer already completed are skipped before sampling."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[GeneratedSample]:
+        """Generate every scene of the batch (text-only or layout-controlled, ``sampling.predict_mode``).
+
+        Resuming is the :class:`~occscene_pl.writer.GenerationWriter`'s: it removes the samples it already completed
+        from the batch before this step, so the batch may be empty (then nothing is generated).
+
+        Returns:
+            One :class:`~occscene_pl.samples.GeneratedSample` per scene, on the CPU.
+        """
         if self.mode == "perception":
             raise RuntimeError("model.mode=perception has no generator; predict needs a generation or joint model")
-        writer = self._prediction_writer()
-        frame_ids = [str(f) for f in batch["frame_id"]]
-        todo = [i for i, f in enumerate(frame_ids) if writer is None or not writer.should_skip(f)]
-        if not todo:
+        if len(batch["frame_id"]) == 0:
             return []
-        batch = _slice_batch(batch, todo)
         mode = self.sampling.predict_mode
         if mode == "auto":
             mode = "layout" if "occupancy" in batch else "text"
@@ -730,7 +666,7 @@ class OccSceneModule(pl.LightningModule):
         judged = self.judged_labels(result.images, camera)
         probabilities = torch.softmax(result.logits.float(), dim=1).half()
         seeds = batch.get("seed")
-        samples = []
+        samples: list[GeneratedSample] = []
         for i, frame_id in enumerate(batch["frame_id"]):
             seed = int(seeds[i]) if seeds is not None else self.sampling.seed + zlib.crc32(str(frame_id).encode())
             meta: dict[str, Any] = {
@@ -750,21 +686,21 @@ class OccSceneModule(pl.LightningModule):
                 reference = condition[i : i + 1] if condition is not None else labels[i : i + 1]
                 meta["consistency_miou"], meta["consistency_iou"] = self._consistency(judged[i : i + 1], reference)
             samples.append(
-                {
-                    "frame_id": str(frame_id),
-                    "prompt": batch["prompt"][i],
-                    "seed": seed,
-                    "mode": mode,
-                    "images": result.images[i].cpu(),
-                    "occupancy": labels[i].cpu(),
-                    "probabilities": probabilities[i].cpu(),
-                    "condition": condition[i].to(torch.uint8).cpu() if condition is not None else None,
-                    "intrinsics": camera.intrinsics[i].cpu(),
-                    "voxel_to_camera": camera.voxel_to_camera[i].cpu(),
-                    "voxel_origin": camera.voxel_origin[i].cpu(),
-                    "voxel_size": float(camera.voxel_size[i]),
-                    "meta": meta,
-                }
+                GeneratedSample(
+                    frame_id=str(frame_id),
+                    prompt=str(batch["prompt"][i]),
+                    seed=seed,
+                    mode=mode,
+                    images=result.images[i].cpu().numpy(),
+                    labels=labels[i].cpu().numpy(),
+                    probabilities=probabilities[i].cpu().numpy(),
+                    condition=condition[i].to(torch.uint8).cpu().numpy() if condition is not None else None,
+                    intrinsics=camera.intrinsics[i].cpu().numpy(),
+                    voxel_to_camera=camera.voxel_to_camera[i].cpu().numpy(),
+                    voxel_origin=camera.voxel_origin[i].cpu().numpy(),
+                    voxel_size=float(camera.voxel_size[i]),
+                    meta=meta,
+                )
             )
         return samples
 

@@ -89,7 +89,7 @@ def run(out_dir: pathlib.Path, repeats: int = 5) -> dict[str, Any]:
         return aligner(occupancy, Camera(*cam, (height, width)), noisy)
 
     def perceiver_fwd() -> torch.Tensor:
-        return perceiver(images, *cam)["logits"]
+        return perceiver(images, Camera(*cam, (height, width)))["logits"]
 
     def backward(fn: Callable[[], Any]) -> Callable[[], None]:
         def step() -> None:

@@ -20,12 +20,13 @@ from torch import Tensor, nn
 
 import occscene_pl.module as module_lib
 from occscene_pl.config import EvaluationConfig, LossConfig, OptimizerConfig, SamplingConfig
-from occscene_pl.data.base import collate_samples
+from occscene_pl.data.base import collate_samples, select_rows
 from occscene_pl.data.nyuv2 import NYUv2DataModule
 from occscene_pl.data.prompts import PromptDataset
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment
 from occscene_pl.module import OccSceneModule
+from occscene_pl.samples import GeneratedSample
 from occscene_pl.sampling import SampleResult, labels_to_probabilities
 from tests.conftest import REPO
 
@@ -463,7 +464,7 @@ def test_text_only_predict_never_sees_ground_truth(
     assert outputs is not None
     samples = [s for batch_out in outputs for s in batch_out]  # type: ignore[union-attr]
     assert len(samples) == len(datamodule.datasets["predict"])
-    assert all(s["mode"] == "text" and s["condition"] is None for s in samples)
+    assert all(isinstance(s, GeneratedSample) and s.mode == "text" and s.condition is None for s in samples)
     assert conditions == [None]
     assert len(ground_truth) == 1 and bool((ground_truth[0] != 255).any())  # the split is labelled
     gt_one_hot = labels_to_probabilities(ground_truth[0], module.num_classes)
@@ -495,8 +496,8 @@ def test_layout_predict_conditions_on_the_occupancy(
     outputs = trainer().predict(module, dataloaders=loader, return_predictions=True)
     assert outputs is not None
     sample = outputs[0][0]  # type: ignore[index]
-    assert sample["mode"] == "layout" and 0.0 <= sample["meta"]["cotrained_consistency_miou"] <= 1.0
-    assert "consistency_miou" not in sample["meta"]  # no judge configured: no headline score
+    assert sample.mode == "layout" and 0.0 <= sample.meta["cotrained_consistency_miou"] <= 1.0
+    assert "consistency_miou" not in sample.meta  # no judge configured: no headline score
     assert len(received) == 2 and all(r is not None and torch.equal(r, gt_one_hot) for r in received)
 
 
@@ -509,6 +510,16 @@ def test_layout_predict_needs_occupancy(datamodule: NYUv2DataModule, monkeypatch
     loader = torch.utils.data.DataLoader(prompts, batch_size=1, collate_fn=collate_samples)
     with pytest.raises(ValueError, match="predict_mode=layout needs occupancy"):
         trainer().predict(module, dataloaders=loader)
+
+
+def test_predict_of_an_emptied_batch_generates_nothing(
+    datamodule: NYUv2DataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer removes completed samples before predict_step; a batch left empty samples nothing."""
+    module = build(datamodule, "joint")
+    monkeypatch.setattr(module_lib, "sample_scenes", lambda *args, **kwargs: pytest.fail("sampled"))
+    batch = select_rows(next(iter(datamodule.predict_dataloader())), [])
+    assert batch["frame_id"] == [] and module.predict_step(batch, 0) == []
 
 
 # -------------------------------------------------------------------------------------------------------------- DDP

@@ -138,21 +138,14 @@ def test_judge_scores_generated_scenes_independently(
         module.sampling.predict_mode = mode  # type: ignore[assignment]
         outputs = trainer().predict(module, dataloaders=loader, return_predictions=True)
         sample = outputs[0][0]  # type: ignore[index]
-        camera = module.camera({**scene, "image": sample["images"][None]})
         with torch.no_grad():
-            output = judge(
-                sample["images"][None],
-                camera.intrinsics,
-                camera.voxel_to_camera,
-                camera.voxel_origin,
-                camera.voxel_size,
-            )
+            output = judge(torch.from_numpy(sample.images)[None], sample.camera())
         judged = output["logits"].argmax(1)
-        reference = scene["occupancy"][:1] if mode == "layout" else sample["occupancy"][None].long()
+        reference = scene["occupancy"][:1] if mode == "layout" else torch.from_numpy(sample.labels)[None].long()
         metric = SSCMetric(module.num_classes)
         metric.update(judged, reference)
-        assert sample["meta"]["consistency_miou"] == pytest.approx(float(metric.compute()["miou"]))
-        assert ("cotrained_consistency_miou" in sample["meta"]) == (mode == "layout")
+        assert sample.meta["consistency_miou"] == pytest.approx(float(metric.compute()["miou"]))
+        assert ("cotrained_consistency_miou" in sample.meta) == (mode == "layout")
 
 
 def test_judge_is_logged_as_the_headline_consistency(

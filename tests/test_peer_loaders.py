@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from occscene_pl.data.nuscenes_occupancy import CAMERA_NAMES, POINT_CLOUD_RANGE
 from occscene_pl.native_export import NUSCENES_CAMERA_KEYS, NUSCENES_INFO_KEYS
+from occscene_pl.samples import GeneratedSample
 from occscene_pl.writer import GenerationWriter
 from tests.fakes.semantic_kitti import KITTI_00_P2, KITTI_00_TR
 from tests.peers import monoscene, openoccupancy
@@ -41,28 +41,25 @@ def _gradient_image(width: int, height: int) -> np.ndarray:
     return np.stack([u, v, 0.5 * (u + v)])
 
 
-def _kitti_sample(frame_id: str, seed: int) -> dict[str, Any]:
+def _kitti_sample(frame_id: str, seed: int) -> GeneratedSample:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 20, KITTI_GRID, dtype=np.uint8)
     labels[rng.random(KITTI_GRID) < 0.6] = 0
     labels[rng.random(KITTI_GRID) < 0.1] = 255
     k = KITTI_00_P2[:, :3].copy()
     k[:2] *= GEN_W / 1241  # the KITTI camera at the generated width
-    return {
-        "frame_id": frame_id,
-        "prompt": "a driving scene",
-        "seed": seed,
-        "mode": "text",
-        "images": torch.from_numpy(_gradient_image(GEN_W, GEN_H))[None],
-        "occupancy": torch.from_numpy(labels),
-        "probabilities": None,
-        "condition": None,
-        "intrinsics": torch.tensor(k[None], dtype=torch.float32),
-        "voxel_to_camera": torch.tensor(KITTI_00_TR[None], dtype=torch.float32),
-        "voxel_origin": torch.tensor([0.0, -25.6, -2.0]),
-        "voxel_size": 0.2,
-        "meta": {},
-    }
+    return GeneratedSample(
+        frame_id=frame_id,
+        prompt="a driving scene",
+        seed=seed,
+        mode="text",
+        images=_gradient_image(GEN_W, GEN_H)[None],
+        labels=labels,
+        intrinsics=k[None].astype(np.float32),
+        voxel_to_camera=KITTI_00_TR[None].astype(np.float32),
+        voxel_origin=np.array([0.0, -25.6, -2.0], dtype=np.float32),
+        voxel_size=0.2,
+    )
 
 
 def _project(points: np.ndarray, k: np.ndarray, transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,19 +85,19 @@ def test_monoscene_reads_train_split_at_its_image_size(tmp_path: Path) -> None:
     dataset = monoscene.KittiDataset("train", str(root), str(preprocess_root))
     assert len(dataset) == 2 and not (root / "dataset" / "sequences" / "08").exists()
     assert {scan["sequence"] for scan in dataset.scans} == {"00"}  # 01-07, 09, 10: placeholder calibs, no frames
-    stems = {w._exporter("semantic_kitti").lookup(s["frame_id"]): s for s in samples}  # type: ignore[attr-defined]
+    stems = {w._exporter("semantic_kitti").lookup(s.frame_id): s for s in samples}  # type: ignore[attr-defined]
     index = np.stack(np.meshgrid(*[np.arange(n) for n in KITTI_GRID], indexing="ij"), -1).reshape(-1, 3)
     centres = (index + 0.5) * 0.2 + np.array([0.0, -25.6, -2.0])
     for i in range(len(dataset)):
         item = dataset[i]
         sample = stems[item["frame_id"]]
-        np.testing.assert_array_equal(item["target"], sample["occupancy"].numpy().astype(np.float32))
+        np.testing.assert_array_equal(item["target"], sample.labels.astype(np.float32))
         assert item["img"].shape == (370, 1220, 3)  # the crop keeps a full image
 
         # MonoScene's projection at scale 1 vs the sample's camera at the generated size, mapped by the resize
         # (1220 / 1024, 381 / 320) and the centred crop (5 rows off the top).
-        k0 = sample["intrinsics"][0].double().numpy()
-        uv, depth = _project(centres, k0, sample["voxel_to_camera"][0].double().numpy())
+        k0 = sample.intrinsics[0].astype(np.float64)
+        uv, depth = _project(centres, k0, sample.voxel_to_camera[0].astype(np.float64))
         expected = np.stack([(uv[:, 0] + 0.5) * 1220 / GEN_W - 0.5, (uv[:, 1] + 0.5) * 381 / GEN_H - 0.5 - 5], -1)
         fov, pix = item["fov_mask_1"], item["projected_pix_1"]
         assert fov.sum() > 100_000
@@ -163,7 +160,7 @@ def test_openoccupancy_reads_every_key(tmp_path: Path, monkeypatch: pytest.Monke
         results = openoccupancy.load_multiview_images(results)
         inputs = results["img_inputs"]
         results = openoccupancy.load_occupancy(results, grid_size=NU_GRID, pc_range=POINT_CLOUD_RANGE)
-        np.testing.assert_array_equal(results["gt_occ"], sample["occupancy"].numpy())
+        np.testing.assert_array_equal(results["gt_occ"], sample.labels)
         for view, camera in enumerate(openoccupancy.DATA_CONFIG_CAMS):
             assert camera == CAMERA_NAMES[view]
             assert inputs["imgs"][view].shape == (size[1], size[0], 3)
@@ -173,7 +170,7 @@ def test_openoccupancy_reads_every_key(tmp_path: Path, monkeypatch: pytest.Monke
             projected = np.c_[centres, np.ones(len(centres))] @ lidar2img.T
             ours = projected[:, :2] / projected[:, 2:3]
             uv, depth = _project(
-                centres, sample["intrinsics"][view].double().numpy(), sample["voxel_to_camera"][view].double().numpy()
+                centres, sample.intrinsics[view].astype(np.float64), sample.voxel_to_camera[view].astype(np.float64)
             )
             expected = np.stack([(uv[:, 0] + 0.5) * 96 / 40 - 0.5, (uv[:, 1] + 0.5) * 58 / 24 - 0.5 - 2], -1)
             front = depth > 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from occscene_pl.data.nuscenes_occupancy import CAMERA_NAMES, POINT_CLOUD_RANGE,
 from occscene_pl.data.semantic_kitti import SemanticKittiDataset
 from occscene_pl.files import atomic_write
 from occscene_pl.native_export import NuScenesOccupancyExporter, SemanticKittiExporter
+from occscene_pl.samples import GeneratedSample
 from occscene_pl.writer import GenerationWriter, check_frame_id
 from tests.fakes.semantic_kitti import KITTI_00_P2, KITTI_00_TR
 
@@ -37,21 +39,22 @@ def make_sample(
     seed: int = 0,
     origin: tuple[float, float, float] = KITTI_ORIGIN,
     focal_scale: float = 1.0,
-) -> dict[str, Any]:
-    """A predict_step sample of the contract: KITTI rig scaled to 40 x 24, random labels incl. 255."""
+    **changes: Any,
+) -> GeneratedSample:
+    """A predict_step sample: KITTI rig scaled to 40 x 24, random labels incl. 255; ``changes`` replace fields."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 20, GRID, generator=g, dtype=torch.uint8)
     labels[torch.rand(GRID, generator=g) < 0.5] = 0
     labels[torch.rand(GRID, generator=g) < 0.1] = 255
     k = torch.tensor(KITTI_00_P2[:, :3], dtype=torch.float32)
     k[:2] *= WIDTH / 1241 * focal_scale
-    return {
+    fields = {
         "frame_id": frame_id,
         "prompt": f"a driving scene {seed}",
         "seed": seed,
         "mode": "layout" if condition else "text",
         "images": torch.rand(views, 3, HEIGHT, WIDTH, generator=g),
-        "occupancy": labels,
+        "labels": labels,
         "probabilities": torch.rand(20, *GRID, generator=g).half() if probabilities else None,
         "condition": torch.randint(0, 20, GRID, generator=g, dtype=torch.uint8) if condition else None,
         "intrinsics": k.expand(views, 3, 3).clone(),
@@ -60,6 +63,7 @@ def make_sample(
         "voxel_size": 1.6,
         "meta": {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": torch.tensor(7.5)},
     }
+    return GeneratedSample(**(fields | changes))
 
 
 def fake_trainer(root: Path, **kwargs: Any) -> Any:
@@ -74,7 +78,7 @@ def fake_trainer(root: Path, **kwargs: Any) -> Any:
     return SimpleNamespace(**(fields | kwargs))
 
 
-def write(w: GenerationWriter, trainer: Any, samples: list[dict[str, Any]]) -> None:
+def write(w: GenerationWriter, trainer: Any, samples: list[GeneratedSample]) -> None:
     w.write_on_batch_end(trainer, None, samples, None, None, 0, 0)  # type: ignore[arg-type]
 
 
@@ -99,7 +103,7 @@ def test_files_and_contents(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["image.png", "meta.json", "occupancy.npz", "occupancy.png"]
 
     pixels = np.asarray(Image.open(out / "image.png"))
-    expected = np.round(sample["images"][0].numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+    expected = np.round(sample.images[0].transpose(1, 2, 0) * 255).astype(np.uint8)
     np.testing.assert_array_equal(pixels, expected)
 
     with np.load(out / "occupancy.npz") as npz:
@@ -114,11 +118,11 @@ def test_files_and_contents(tmp_path: Path) -> None:
             "class_names",
         }
         assert npz["labels"].dtype == np.uint8 and npz["probabilities"].dtype == np.float16
-        np.testing.assert_array_equal(npz["labels"], sample["occupancy"].numpy())
-        np.testing.assert_array_equal(npz["condition"], sample["condition"].numpy())
-        np.testing.assert_array_equal(npz["probabilities"], sample["probabilities"].numpy())
-        np.testing.assert_allclose(npz["intrinsics"], sample["intrinsics"].numpy())
-        np.testing.assert_allclose(npz["voxel_to_camera"], sample["voxel_to_camera"].numpy())
+        np.testing.assert_array_equal(npz["labels"], sample.labels)
+        np.testing.assert_array_equal(npz["condition"], sample.condition)
+        np.testing.assert_array_equal(npz["probabilities"], sample.probabilities)
+        np.testing.assert_allclose(npz["intrinsics"], sample.intrinsics)
+        np.testing.assert_allclose(npz["voxel_to_camera"], sample.voxel_to_camera)
         np.testing.assert_allclose(npz["voxel_origin"], KITTI_ORIGIN, rtol=1e-6)
         assert float(npz["voxel_size"]) == pytest.approx(1.6)
         assert npz["class_names"].tolist()[:2] == ["c0", "c1"]
@@ -165,8 +169,7 @@ def test_skip_on_rerun_and_overwrite(tmp_path: Path) -> None:
     assert (w.written, w.skipped) == (2, 0)
     meta_path = tmp_path / "predictions" / "a" / "meta.json"
     before = meta_path.read_bytes()
-    # Only the frame_id is needed to skip: the module may pass a stub for samples it did not generate.
-    write(w, trainer, [make_sample("a", seed=9), {"frame_id": "b"}])
+    write(w, trainer, [make_sample("a", seed=9), make_sample("b", seed=9)])
     assert (w.written, w.skipped) == (2, 2) and meta_path.read_bytes() == before
     assert w.should_skip("a") and not w.should_skip("never_written")
 
@@ -225,28 +228,84 @@ def test_atomic_write_keeps_old_content_on_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("frame_id", ["a/b", "a\\b", "..", ".hidden", "", "semantic_kitti", "x\0y", 7])
 def test_bad_frame_id(tmp_path: Path, frame_id: Any) -> None:
     w, trainer = ready(tmp_path)
-    with pytest.raises(ValueError, match="frame_id") as info:
-        write(w, trainer, [make_sample("ok") | {"frame_id": frame_id}])
+    with pytest.raises(ValueError, match="frame_id") as info:  # refused by GeneratedSample or by the writer
+        write(w, trainer, [make_sample(frame_id)])
     assert repr(frame_id) in str(info.value)
     with pytest.raises(ValueError, match="frame_id"):
         w.is_complete(frame_id)
     assert check_frame_id("08_000005") == "08_000005"
 
 
-def test_malformed_samples(tmp_path: Path) -> None:
+def test_malformed_predictions(tmp_path: Path) -> None:
     w, trainer = ready(tmp_path, class_names=["empty", "car"])
-    with pytest.raises(ValueError, match=r"'a'.*lacks \['images'\]"):
-        write(w, trainer, [{k: v for k, v in make_sample("a").items() if k != "images"}])
-    with pytest.raises(ValueError, match="class_names"):
+    with pytest.raises(ValueError, match=r"'a': labels has label \d+ but only 2 class_names"):
         write(w, trainer, [make_sample("a")])
-    with pytest.raises(TypeError, match="list of per-sample dicts"):
+    with pytest.raises(ValueError, match=r"'a': condition has label \d+ but only 2 class_names"):
+        write(w, trainer, [make_sample("a", condition=True, labels=torch.zeros(GRID, dtype=torch.uint8))])
+    with pytest.raises(TypeError, match="list of GeneratedSample"):
         write(w, trainer, make_sample("a"))  # type: ignore[arg-type]
-    w.class_names, w.colors = None, None
-    with pytest.raises(ValueError, match="mode"):
-        write(w, trainer, [make_sample("a") | {"mode": "sketch"}])
-    with pytest.raises(ValueError, match="intrinsics"):
-        write(w, trainer, [make_sample("a") | {"intrinsics": torch.eye(3)[None].repeat(2, 1, 1)}])
+    with pytest.raises(TypeError, match="must be a GeneratedSample, got dict"):
+        write(w, trainer, [{"frame_id": "a"}])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="takes a GeneratedSample"):
+        w.write_sample({"frame_id": "a"})  # type: ignore[arg-type]
     assert not (tmp_path / "predictions" / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": 3}, "prompt must be a string"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"mode": "sketch"}, r"mode must be one of \['text', 'layout'\]"),
+        ({"images": torch.rand(1, 4, HEIGHT, WIDTH)}, r"images must be \(V, 3, H, W\)"),
+        ({"images": torch.rand(3, HEIGHT, WIDTH)}, r"images must be \(V, 3, H, W\)"),
+        ({"labels": torch.zeros(GRID)}, "labels must be .* uint8 train ids"),
+        ({"labels": torch.full(GRID, 256)}, "labels must be .* uint8 train ids"),
+        ({"labels": torch.zeros(32, 32)}, "labels must be"),
+        ({"condition": torch.zeros(32, 32, 8, dtype=torch.uint8)}, "condition must have the labels' shape"),
+        ({"condition": torch.full(GRID, -1)}, "condition must be .* uint8 train ids"),
+        ({"probabilities": torch.rand(20, 32, 32, 8)}, r"probabilities must be \(C, 32, 32, 4\)"),
+        ({"intrinsics": torch.eye(3)[None].repeat(2, 1, 1)}, r"intrinsics must be \(1, 3, 3\) for 1 view"),
+        ({"voxel_to_camera": torch.eye(4)}, r"voxel_to_camera must be \(1, 4, 4\)"),
+        ({"voxel_origin": torch.zeros(2)}, r"voxel_origin must be \(3,\)"),
+        ({"voxel_size": 0.0}, "voxel_size must be one positive number"),
+        ({"voxel_size": [1.6, 1.6]}, "voxel_size must be one positive number"),
+        ({"meta": ["sampler"]}, "meta must be a dict"),
+    ],
+)
+def test_generated_sample_validation(change: dict[str, Any], message: str) -> None:
+    """Malformed fields fail on construction (also through ``dataclasses.replace``), naming the frame and the field."""
+    with pytest.raises(ValueError, match=f"GeneratedSample 'a': {message}"):
+        dataclasses.replace(make_sample("a"), **change)
+
+
+@pytest.mark.parametrize("frame_id", ["a/b", "..", ".hidden", "", "x\0y", 7])
+def test_generated_sample_refuses_unsafe_frame_ids(frame_id: Any) -> None:
+    with pytest.raises(ValueError, match="frame_id") as info:
+        make_sample(frame_id)
+    assert repr(frame_id) in str(info.value)
+
+
+def test_generated_sample_normalises_its_fields() -> None:
+    """Tensors become NumPy arrays of the documented dtypes; the camera and pixels derive from the fields."""
+    made = make_sample("a", views=2, condition=True, probabilities=True, meta=None, voxel_size=torch.tensor(1.6))
+    sample = dataclasses.replace(made, seed=np.int64(4))
+    assert isinstance(sample.seed, int) and sample.seed == 4 and sample.meta == {}
+    assert sample.images.dtype == np.float32 and sample.images.shape == (2, 3, HEIGHT, WIDTH)
+    assert sample.labels.dtype == np.uint8 and sample.condition is not None and sample.condition.dtype == np.uint8
+    assert sample.probabilities is not None and sample.probabilities.dtype == np.float16
+    assert sample.intrinsics.dtype == sample.voxel_to_camera.dtype == sample.voxel_origin.dtype == np.float32
+    assert isinstance(sample.voxel_size, float) and sample.voxel_size == pytest.approx(1.6)
+    assert (sample.views, sample.image_size, sample.grid_size) == (2, (HEIGHT, WIDTH), GRID)
+    assert sample.pixels.shape == (2, HEIGHT, WIDTH, 3) and sample.pixels.dtype == np.uint8
+    assert sample.pixels is sample.pixels  # computed once, again after new images
+    sample.images = np.zeros_like(sample.images)
+    assert not sample.pixels.any()
+    camera = sample.camera()
+    assert (camera.batch_size, camera.views, camera.image_size) == (1, 2, (HEIGHT, WIDTH))
+    torch.testing.assert_close(camera.intrinsics[0], torch.from_numpy(sample.intrinsics))
+    with pytest.raises(TypeError, match="images"):
+        GeneratedSample(frame_id="a", prompt="p", seed=0, mode="text")  # type: ignore[call-arg]
 
 
 def test_constructor_and_output_dir_errors(tmp_path: Path) -> None:
@@ -288,24 +347,24 @@ def test_semantic_kitti_round_trip(tmp_path: Path) -> None:
     items = read_back(out / "semantic_kitti", split="val")
     assert len(items) == 3
     for sample in samples:
-        meta = json.loads((out / sample["frame_id"] / "meta.json").read_text())
+        meta = json.loads((out / sample.frame_id / "meta.json").read_text())
         export = meta["exports"]["semantic_kitti"]
         assert export["crop_size"] == [WIDTH, HEIGHT]
         assert export["sequence"] == "08" and export["stem"] == SemanticKittiExporter(out / "semantic_kitti").lookup(
-            sample["frame_id"]
+            sample.frame_id
         )
-        assert (out / "semantic_kitti" / "frame_ids" / f"{export['stem']}.txt").read_text() == sample["frame_id"]
+        assert (out / "semantic_kitti" / "frame_ids" / f"{export['stem']}.txt").read_text() == sample.frame_id
         item = items[f"08_{export['stem']}"]
-        np.testing.assert_array_equal(item["occupancy"].numpy(), sample["occupancy"].numpy())
-        np.testing.assert_allclose(item["intrinsics"], sample["intrinsics"], rtol=1e-6)
-        np.testing.assert_allclose(item["voxel_to_camera"], sample["voxel_to_camera"], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(item["voxel_origin"], sample["voxel_origin"])
+        np.testing.assert_array_equal(item["occupancy"].numpy(), sample.labels)
+        np.testing.assert_allclose(item["intrinsics"], sample.intrinsics, rtol=1e-6)
+        np.testing.assert_allclose(item["voxel_to_camera"], sample.voxel_to_camera, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(item["voxel_origin"], sample.voxel_origin)
         assert float(item["voxel_size"]) == pytest.approx(1.6)
-        np.testing.assert_allclose(item["image"], sample["images"], atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(item["image"], sample.images, atol=0.5 / 255 + 1e-6)
         assert all((out / path).is_file() for path in export["files"])
-    assert w.is_complete(samples[0]["frame_id"])
+    assert w.is_complete(samples[0].frame_id)
     # A writer without the export considers the samples complete; one with it needs the export listed.
-    assert GenerationWriter(output_dir=str(out)).is_complete(samples[0]["frame_id"])
+    assert GenerationWriter(output_dir=str(out)).is_complete(samples[0].frame_id)
 
     # Re-writing keeps each frame_id's stem: no duplicate frames.
     again, _ = ready(tmp_path, export=["semantic_kitti"], overwrite=True)
@@ -322,10 +381,10 @@ def test_semantic_kitti_other_origin_and_cameras(tmp_path: Path) -> None:
     write(w, trainer, [shifted, other_camera])
     root = tmp_path / "predictions" / "semantic_kitti"
     item = next(iter(read_back(root, split="val").values()))
-    np.testing.assert_array_equal(item["occupancy"].numpy(), shifted["occupancy"].numpy())
+    np.testing.assert_array_equal(item["occupancy"].numpy(), shifted.labels)
     # Voxel centres land on the same camera points: reader frame vs the sample's frame.
     index = np.stack(np.meshgrid(*[np.arange(n) for n in GRID], indexing="ij"), -1).reshape(-1, 3) + 0.5
-    ours = shifted["voxel_to_camera"][0].double().numpy()
+    ours = shifted.voxel_to_camera[0].astype(np.float64)
     theirs = item["voxel_to_camera"][0].double().numpy()
     points = np.c_[index * 1.6 + np.array([1.6, -24.0, -1.6]), np.ones(len(index))]
     points_reader = np.c_[index * 1.6 + np.array(KITTI_ORIGIN), np.ones(len(index))]
@@ -333,7 +392,7 @@ def test_semantic_kitti_other_origin_and_cameras(tmp_path: Path) -> None:
 
     zoomed = read_back(root, split="val", sequences=["22"])
     assert len(zoomed) == 1
-    np.testing.assert_allclose(next(iter(zoomed.values()))["intrinsics"], other_camera["intrinsics"], rtol=1e-6)
+    np.testing.assert_allclose(next(iter(zoomed.values()))["intrinsics"], other_camera.intrinsics, rtol=1e-6)
 
     # The same frame_id re-written through camera 08 leaves sequence 22.
     w.overwrite = True
@@ -354,14 +413,14 @@ def test_semantic_kitti_stem_collisions(tmp_path: Path, monkeypatch: pytest.Monk
     ("change", "message"),
     [
         ({"views": 6}, "one camera"),
-        ({"occupancy": torch.zeros(32, 32, 8, dtype=torch.uint8)}, "X == Y == 8"),
+        ({"labels": torch.zeros(32, 32, 8, dtype=torch.uint8)}, "X == Y == 8"),
         ({"voxel_size": 0.2}, "voxel_size"),
-        ({"occupancy": torch.full(GRID, 25, dtype=torch.uint8)}, "invalid train ids"),
+        ({"labels": torch.full(GRID, 25, dtype=torch.uint8)}, "invalid train ids"),
     ],
 )
 def test_semantic_kitti_rejects_unfit_samples(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     w, trainer = ready(tmp_path, export=["semantic_kitti"])
-    sample = make_sample("unfit", views=change.pop("views", 1)) | change
+    sample = make_sample("unfit", **change)
     with pytest.raises(ValueError, match=f"'unfit'.*{message}"):
         write(w, trainer, [sample])
     assert not (tmp_path / "predictions" / "unfit").exists()
@@ -375,7 +434,9 @@ NU_GRID = (64, 64, 5)  # the OpenOccupancy range at 1.6 m voxels
 NU_ORIGIN = tuple(POINT_CLOUD_RANGE[:3])
 
 
-def make_surround_sample(frame_id: str, seed: int = 0, origin: tuple[float, ...] = NU_ORIGIN) -> dict[str, Any]:
+def make_surround_sample(
+    frame_id: str, seed: int = 0, origin: tuple[float, ...] = NU_ORIGIN, **changes: Any
+) -> GeneratedSample:
     """Six views with distinct rigid lidar->camera transforms, nuScenes train ids 0..16 and 255."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 17, NU_GRID, generator=g, dtype=torch.uint8)
@@ -393,12 +454,13 @@ def make_surround_sample(frame_id: str, seed: int = 0, origin: tuple[float, ...]
         transforms.append(t)
     k = torch.tensor([[30.0, 0.0, WIDTH / 2], [0.0, 30.0, HEIGHT / 2], [0.0, 0.0, 1.0]]).repeat(len(CAMERA_NAMES), 1, 1)
     k[:, :2, :2] *= torch.linspace(1.0, 1.5, len(CAMERA_NAMES))[:, None, None]  # a different focal length per view
-    return make_sample(frame_id, views=len(CAMERA_NAMES), seed=seed) | {
-        "occupancy": labels,
+    fields = {
+        "labels": labels,
         "intrinsics": k,
         "voxel_to_camera": torch.tensor(np.stack(transforms), dtype=torch.float32),
         "voxel_origin": torch.tensor(origin),
     }
+    return make_sample(frame_id, views=len(CAMERA_NAMES), seed=seed, **(fields | changes))
 
 
 def test_nuscenes_occupancy_round_trip(tmp_path: Path) -> None:
@@ -412,15 +474,15 @@ def test_nuscenes_occupancy_round_trip(tmp_path: Path) -> None:
     items = {dataset[i]["frame_id"]: dataset[i] for i in range(len(dataset))}
     assert len(items) == 3
     for sample in samples:
-        meta = json.loads((tmp_path / "predictions" / sample["frame_id"] / "meta.json").read_text())
+        meta = json.loads((tmp_path / "predictions" / sample.frame_id / "meta.json").read_text())
         export = meta["exports"]["nuscenes_occupancy"]
-        assert export["token"] == NuScenesOccupancyExporter.token(sample["frame_id"]) and export["split"] == "val"
+        assert export["token"] == NuScenesOccupancyExporter.token(sample.frame_id) and export["split"] == "val"
         assert len(export["files"]) == 16 and all((tmp_path / "predictions" / f).is_file() for f in export["files"])
         item = items[export["token"]]
-        np.testing.assert_array_equal(item["occupancy"].numpy(), sample["occupancy"].numpy())
-        np.testing.assert_allclose(item["image"], sample["images"], atol=0.5 / 255 + 1e-6)
-        np.testing.assert_allclose(item["intrinsics"], sample["intrinsics"], rtol=1e-6)
-        np.testing.assert_allclose(item["voxel_to_camera"], sample["voxel_to_camera"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(item["occupancy"].numpy(), sample.labels)
+        np.testing.assert_allclose(item["image"], sample.images, atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(item["intrinsics"], sample.intrinsics, rtol=1e-6)
+        np.testing.assert_allclose(item["voxel_to_camera"], sample.voxel_to_camera, rtol=1e-5, atol=1e-5)
         assert float(item["voxel_size"]) == pytest.approx(1.6)
     # Re-writing a frame keeps one info per frame_id.
     again, _ = ready(tmp_path, export=["nuscenes_occupancy"], overwrite=True)
@@ -441,7 +503,7 @@ def test_nuscenes_occupancy_other_origin(tmp_path: Path) -> None:
     index = np.stack(np.meshgrid(*[np.arange(n) for n in NU_GRID], indexing="ij"), -1).reshape(-1, 3) + 0.5
     ones = np.ones((len(index), 1))
     for view in range(len(CAMERA_NAMES)):
-        ours = sample["voxel_to_camera"][view].double().numpy()
+        ours = sample.voxel_to_camera[view].astype(np.float64)
         theirs = item["voxel_to_camera"][view].double().numpy()
         sample_points = np.c_[index * 1.6 + np.array(shifted_origin), ones]
         reader_points = np.c_[index * 1.6 + np.array(NU_ORIGIN), ones]
@@ -452,17 +514,17 @@ def test_nuscenes_occupancy_other_origin(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"views": 1}, "6 cameras"),
-        ({"occupancy": torch.zeros(64, 64, 8, dtype=torch.uint8)}, "cubic voxels"),
+        ({"labels": torch.zeros(64, 64, 8, dtype=torch.uint8)}, "cubic voxels"),
         ({"voxel_size": 0.2}, "cubic voxels"),
-        ({"occupancy": torch.full(NU_GRID, 17, dtype=torch.uint8)}, "not a nuScenes-Occupancy train id"),
+        ({"labels": torch.full(NU_GRID, 17, dtype=torch.uint8)}, "not a nuScenes-Occupancy train id"),
     ],
 )
 def test_nuscenes_occupancy_rejects_unfit_samples(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     w, trainer = ready(tmp_path, export=["nuscenes_occupancy"])
     views = change.pop("views", len(CAMERA_NAMES))
-    sample = make_surround_sample("unfit") | change
+    sample = make_surround_sample("unfit", **change)
     if views != len(CAMERA_NAMES):
-        sample = make_sample("unfit") | {"occupancy": sample["occupancy"]}
+        sample = make_sample("unfit", labels=sample.labels)
     with pytest.raises(ValueError, match=f"'unfit'.*{message}"):
         write(w, trainer, [sample])
     assert not (tmp_path / "predictions" / "unfit").exists()
@@ -474,26 +536,27 @@ def test_nuscenes_occupancy_rejects_unfit_samples(tmp_path: Path, change: dict[s
 
 
 class TinyGenerator(pl.LightningModule):
-    """predict_step of the contract; it asks the writer which samples to skip, as module.py will."""
+    """predict_step of the contract: generates every row of the batch it gets (the writer removed finished ones)."""
 
     def __init__(self, surround: bool = False) -> None:
         super().__init__()
         self.generated: list[str] = []
         self.surround = surround
 
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
-        writer_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, GenerationWriter))  # type: ignore[attr-defined]
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[GeneratedSample]:
         samples = []
-        for index in batch.tolist():
-            frame_id = f"prompt{index:05d}_sample00"
-            if writer_cb.should_skip(frame_id):
-                samples.append({"frame_id": frame_id})
-                continue
+        for frame_id, index in zip(batch["frame_id"], batch["index"].tolist(), strict=True):
             self.generated.append(frame_id)
             samples.append(
                 make_surround_sample(frame_id, index) if self.surround else make_sample(frame_id, seed=index)
             )
         return samples
+
+
+def prompt_loader(count: int, batch_size: int = 2) -> DataLoader[Any]:
+    """Collated batches ``{"frame_id": [...], "index": (B,) tensor}``, as a predict dataset gives."""
+    rows = [{"frame_id": f"prompt{i:05d}_sample00", "index": i} for i in range(count)]
+    return DataLoader(rows, batch_size=batch_size)  # type: ignore[arg-type]
 
 
 def test_inside_lightning_trainer(tmp_path: Path) -> None:
@@ -504,7 +567,7 @@ def test_inside_lightning_trainer(tmp_path: Path) -> None:
             callbacks=[w], enable_model_summary=False,
         )  # fmt: skip
         model = TinyGenerator()
-        trainer.predict(model, DataLoader(torch.arange(3), batch_size=2), return_predictions=False)
+        trainer.predict(model, prompt_loader(3), return_predictions=False)
         return model, w
 
     model, w = run()
@@ -512,6 +575,29 @@ def test_inside_lightning_trainer(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == model.generated
     model, w = run()
     assert model.generated == [] and (w.written, w.skipped) == (0, 3)
+    (tmp_path / "predictions" / "prompt00001_sample00" / "meta.json").unlink()  # one interrupted sample
+    model, w = run()
+    assert model.generated == ["prompt00001_sample00"] and (w.written, w.skipped) == (1, 2)
+
+
+def test_resume_filters_the_batch_in_place(tmp_path: Path) -> None:
+    """Before predict_step the writer drops completed rows from every list and batch tensor; other values stay."""
+    w, trainer = ready(tmp_path)
+    write(w, trainer, [make_sample("a"), make_sample("c")])
+    batch = {"frame_id": ["a", "b", "c"], "seed": torch.tensor([1, 2, 3]), "image_size": torch.tensor([[4, 5]] * 3)}
+    batch |= {"prompt": ["pa", "pb", "pc"], "note": "kept"}
+    w.on_predict_batch_start(trainer, None, batch, 0)  # type: ignore[arg-type]
+    assert batch["frame_id"] == ["b"] and batch["prompt"] == ["pb"] and batch["note"] == "kept"
+    assert batch["seed"].tolist() == [2] and batch["image_size"].tolist() == [[4, 5]] and w.skipped == 2
+    everything = {"frame_id": ["a", "c"], "seed": torch.tensor([1, 3])}
+    w.on_predict_batch_start(trainer, None, everything, 1)  # type: ignore[arg-type]
+    assert everything["frame_id"] == [] and everything["seed"].shape == (0,)
+    tensor = torch.arange(3)
+    w.on_predict_batch_start(trainer, None, tensor, 2)  # type: ignore[arg-type]  # not a dict: left alone
+    again, _ = ready(tmp_path, overwrite=True)
+    untouched = {"frame_id": ["a", "b"]}
+    again.on_predict_batch_start(trainer, None, untouched, 0)  # type: ignore[arg-type]
+    assert untouched == {"frame_id": ["a", "b"]} and again.skipped == 0
 
 
 def test_nuscenes_info_file_is_built_when_predict_ends(tmp_path: Path) -> None:
@@ -520,7 +606,7 @@ def test_nuscenes_info_file_is_built_when_predict_ends(tmp_path: Path) -> None:
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
         callbacks=[w], enable_model_summary=False, enable_progress_bar=False,
     )  # fmt: skip
-    trainer.predict(TinyGenerator(surround=True), DataLoader(torch.arange(3), batch_size=2), return_predictions=False)
+    trainer.predict(TinyGenerator(surround=True), prompt_loader(3), return_predictions=False)
     root = tmp_path / "predictions" / "nuscenes_occupancy" / "nuscenes"
     dataset = NuScenesOccupancyDataset(root, split="val", grid_size=NU_GRID, crop_box=None)
     tokens = {NuScenesOccupancyExporter.token(f"prompt{i:05d}_sample00") for i in range(3)}
@@ -603,7 +689,7 @@ def test_semantic_kitti_image_size_round_trip(tmp_path: Path) -> None:
     assert export["crop_size"] == [80, 40] and export["image_size"] == [80, 40]
     root = tmp_path / "predictions" / "semantic_kitti"
     item = next(iter(SemanticKittiDataset(root, split="val", grid_size=GRID, crop_size=(80, 40))))
-    k = sample["intrinsics"][0].double().numpy()  # 40 x 24 -> scale 2 to 80 x 48 -> rows 4..44
+    k = sample.intrinsics[0].astype(np.float64)  # 40 x 24 -> scale 2 to 80 x 48 -> rows 4..44
     expected = k.copy()
     expected[:2, :2] *= 2
     expected[0, 2], expected[1, 2] = (k[0, 2] + 0.5) * 2 - 0.5, (k[1, 2] + 0.5) * 2 - 0.5 - 4

@@ -104,6 +104,7 @@ from occscene_pl.data.semantic_kitti import (
 )
 from occscene_pl.data.transforms import crop_view, resize_view
 from occscene_pl.files import atomic_write
+from occscene_pl.samples import GeneratedSample
 
 __all__ = [
     "EXPORT_SPLITS",
@@ -304,16 +305,9 @@ class NativeExporter(Protocol):
 
     name: str
 
-    def prepare(
-        self,
-        frame_id: str,
-        labels: np.ndarray,
-        image: np.ndarray,
-        intrinsics: np.ndarray,
-        voxel_to_camera: np.ndarray,
-        voxel_origin: np.ndarray,
-        voxel_size: float,
-    ) -> Any: ...
+    def prepare(self, sample: GeneratedSample) -> Any:
+        """Check that ``sample`` fits the layout and convert it (nothing is written); ``ValueError`` if not."""
+        ...
 
     def write(self, frame: Any) -> dict[str, Any]: ...
 
@@ -425,30 +419,18 @@ class SemanticKittiExporter:
             raise ValueError("semantic_kitti sequences must name at least one sequence (or be null for the default)")
         return tuple(names)
 
-    def prepare(
-        self,
-        frame_id: str,
-        labels: np.ndarray,
-        image: np.ndarray,
-        intrinsics: np.ndarray,
-        voxel_to_camera: np.ndarray,
-        voxel_origin: np.ndarray,
-        voxel_size: float,
-    ) -> _KittiFrame:
+    def prepare(self, sample: GeneratedSample) -> _KittiFrame:
         """Check that a sample fits the SemanticKITTI layout and convert it; nothing is written.
 
         Args:
-            frame_id: the sample's id (for error messages and the stem).
-            labels: ``(X, Y, Z)`` uint8 train ids.
-            image: ``(V, H, W, 3)`` uint8 views; ``V`` must be 1.
-            intrinsics: ``(V, 3, 3)`` at the image size.
-            voxel_to_camera: ``(V, 4, 4)``.
-            voxel_origin: ``(3,)`` metres.
-            voxel_size: metres.
+            sample: the generated sample: one view, its ``labels``, camera and grid placement (its ``frame_id``
+                names the stem and the error messages).
 
         Raises:
-            ValueError: naming ``frame_id`` and the requirement it breaks.
+            ValueError: naming the frame and the requirement it breaks.
         """
+        frame_id, labels, image, voxel_size = sample.frame_id, sample.labels, sample.pixels, sample.voxel_size
+        intrinsics, voxel_to_camera, voxel_origin = sample.intrinsics, sample.voxel_to_camera, sample.voxel_origin
         what = f"semantic_kitti export of frame {frame_id!r}"
         if image.shape[0] != 1:
             raise ValueError(f"{what}: SemanticKITTI frames have one camera, the sample has {image.shape[0]} views")
@@ -646,23 +628,18 @@ class NuScenesOccupancyExporter:
         """A 32-hex-digit nuScenes-style token of ``frame_id`` for ``kind`` (sample, scene, lidar, a camera)."""
         return hashlib.sha256(f"{kind}/{frame_id}".encode()).hexdigest()[:32]
 
-    def prepare(
-        self,
-        frame_id: str,
-        labels: np.ndarray,
-        image: np.ndarray,
-        intrinsics: np.ndarray,
-        voxel_to_camera: np.ndarray,
-        voxel_origin: np.ndarray,
-        voxel_size: float,
-    ) -> _NuScenesFrame:
+    def prepare(self, sample: GeneratedSample) -> _NuScenesFrame:
         """Check that a sample fits the OpenOccupancy layout and convert it; nothing is written.
 
-        Args: as :meth:`SemanticKittiExporter.prepare`, with ``V == 6`` views in ``CAMERA_NAMES`` order.
+        Args:
+            sample: the generated sample, with ``V == 6`` views in ``CAMERA_NAMES`` order (its ``frame_id`` derives
+                the tokens).
 
         Raises:
-            ValueError: naming ``frame_id`` and the requirement it breaks.
+            ValueError: naming the frame and the requirement it breaks.
         """
+        frame_id, labels, image, voxel_size = sample.frame_id, sample.labels, sample.pixels, sample.voxel_size
+        intrinsics, voxel_to_camera, voxel_origin = sample.intrinsics, sample.voxel_to_camera, sample.voxel_origin
         what = f"nuscenes_occupancy export of frame {frame_id!r}"
         if image.shape[0] != len(CAMERA_NAMES):
             raise ValueError(

@@ -1,7 +1,7 @@
 """The predict-time writer of generated samples (``docs/design.md`` §9.1).
 
-Every sample of ``predict_step``'s output (a list of per-sample dicts, see :meth:`GenerationWriter.write_sample`)
-becomes a folder ``<output_dir>/<frame_id>/``::
+Every sample of ``predict_step``'s output (a list of :class:`~occscene_pl.samples.GeneratedSample`, see
+:meth:`GenerationWriter.write_sample`) becomes a folder ``<output_dir>/<frame_id>/``::
 
     image.png                      the generated image (V == 1), or image_0.png ... image_{V-1}.png
     occupancy.npz                  labels (X, Y, Z) uint8, [condition (X, Y, Z) uint8], [probabilities (C, X, Y, Z)
@@ -13,15 +13,16 @@ becomes a folder ``<output_dir>/<frame_id>/``::
 
 Each file is written atomically (hidden temporary file + ``os.replace``), and ``meta.json`` last: a sample is
 complete when its ``meta.json`` exists and every file it lists does (:meth:`GenerationWriter.is_complete`), so an
-interrupted run resumes where it stopped. Optional native exports (:mod:`occscene_pl.native_export`) are written
-under ``<output_dir>/<export name>/`` before ``meta.json`` and are listed in it.
+interrupted run resumes where it stopped: before each predict step the writer removes the batch's completed samples
+(:meth:`GenerationWriter.on_predict_batch_start`), so they are not generated again. Optional native exports
+(:mod:`occscene_pl.native_export`) are written under ``<output_dir>/<export name>/`` before ``meta.json`` and are
+listed in it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm import tqdm
 
 import occscene_pl
+from occscene_pl.data.base import select_rows
 from occscene_pl.files import atomic_write
 from occscene_pl.native_export import (
     NativeExporter,
@@ -44,6 +46,8 @@ from occscene_pl.native_export import (
     png_bytes,
 )
 from occscene_pl.render import palette, render_occupancy_figure
+from occscene_pl.samples import GeneratedSample
+from occscene_pl.samples import check_frame_id as _check_safe_name
 
 __all__ = ["GenerationWriter", "SUPPORTED_EXPORTS", "check_frame_id", "write_npz"]
 
@@ -52,19 +56,6 @@ _EXPORTERS: dict[str, Callable[..., NativeExporter]] = {
 }
 SUPPORTED_EXPORTS: tuple[str, ...] = tuple(_EXPORTERS)
 META_FILE = "meta.json"
-_MODES = ("text", "layout")
-_REQUIRED_KEYS = (
-    "frame_id",
-    "prompt",
-    "seed",
-    "mode",
-    "images",
-    "occupancy",
-    "intrinsics",
-    "voxel_to_camera",
-    "voxel_origin",
-    "voxel_size",
-)
 
 
 def check_frame_id(frame_id: Any) -> str:
@@ -73,22 +64,7 @@ def check_frame_id(frame_id: Any) -> str:
     Rejected: non-strings, empty ids, path separators (``/``, ``\\``), NUL, ids starting with ``.`` (``.``, ``..``
     and hidden temporary files), and the export folder names (``semantic_kitti``, ``nuscenes_occupancy``).
     """
-    if not isinstance(frame_id, str):
-        raise ValueError(f"frame_id must be a string, got {type(frame_id).__name__} {frame_id!r}")
-    bad = [c for c in ("/", "\\", "\0", os.sep, os.altsep) if c and c in frame_id]
-    if not frame_id or bad or frame_id.startswith(".") or frame_id in SUPPORTED_EXPORTS:
-        raise ValueError(
-            f"frame_id {frame_id!r} cannot name an output folder: it must be non-empty, contain no path separators "
-            f"or NUL, not start with '.', and not be one of {list(SUPPORTED_EXPORTS)}"
-        )
-    return frame_id
-
-
-def _numpy(value: Any, dtype: Any = None) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value)
-    return array if dtype is None else array.astype(dtype, copy=False)
+    return _check_safe_name(frame_id, reserved=SUPPORTED_EXPORTS)
 
 
 def write_npz(file: IO[bytes], arrays: Mapping[str, np.ndarray], stored: Sequence[str] = ()) -> None:
@@ -118,9 +94,9 @@ def _json_default(value: Any) -> Any:
 class GenerationWriter(BasePredictionWriter):
     """Writes generated samples (images, occupancy, pictures, metadata) atomically, one folder per ``frame_id``.
 
-    The LightningModule may call :meth:`is_complete` (or :meth:`should_skip`) before generating a sample to skip
-    work already on disk; the writer skips complete samples too unless ``overwrite``. Find it in
-    ``trainer.callbacks``; its output folder is resolved in :meth:`setup`.
+    Resume is the writer's alone: before every predict step it removes the samples it already completed from the
+    batch (:meth:`on_predict_batch_start`, unless ``overwrite``), so ``predict_step`` only sees work still to do; it
+    also skips complete samples it is handed. Its output folder is resolved in :meth:`setup`.
 
     Args:
         output_dir: where sample folders go; ``None`` means ``<trainer.default_root_dir>/predictions``.
@@ -266,6 +242,24 @@ class GenerationWriter(BasePredictionWriter):
         if self.progress and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None) is not None:
             self._bar = tqdm(total=_predict_total(trainer), desc="Writing samples", unit="sample", dynamic_ncols=True)
 
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Resume: remove the samples this writer already completed from ``batch``, in place, before ``predict_step``.
+
+        Lightning hands this same object to ``predict_step``, which then generates the remaining rows only (possibly
+        none: every list and tensor of the batch then has length 0). A batch that is not a dict with a ``frame_id``
+        list is left alone. Removed samples count as skipped.
+        """
+        if self.overwrite or not isinstance(batch, dict) or "frame_id" not in batch:
+            return
+        frame_ids = [str(f) for f in batch["frame_id"]]
+        keep = [i for i, frame_id in enumerate(frame_ids) if not self.should_skip(frame_id)]
+        if len(keep) == len(frame_ids):
+            return
+        batch.update(select_rows(batch, keep))
+        self._advance(skipped=len(frame_ids) - len(keep))
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_bar()
         if not self.export:
@@ -294,25 +288,29 @@ class GenerationWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Write every sample of ``prediction`` (a list of per-sample dicts; ``None`` writes nothing)."""
+        """Write every sample of ``prediction`` (a list of :class:`GeneratedSample`; ``None`` writes nothing)."""
         if prediction is None:
             return
-        if isinstance(prediction, Mapping) or not isinstance(prediction, Sequence):
+        if not isinstance(prediction, list | tuple):
             raise TypeError(
-                f"GenerationWriter expects predict_step to return a list of per-sample dicts, got "
+                f"GenerationWriter expects predict_step to return a list of GeneratedSample, got "
                 f"{type(prediction).__name__}"
             )
         for sample in prediction:
-            if not isinstance(sample, Mapping) or "frame_id" not in sample:
-                raise TypeError(f"each prediction must be a dict with a 'frame_id', got {type(sample).__name__}")
-            if self.should_skip(sample["frame_id"]):
-                self.skipped += 1
+            if not isinstance(sample, GeneratedSample):
+                raise TypeError(f"each prediction must be a GeneratedSample, got {type(sample).__name__}")
+            if self.should_skip(sample.frame_id):
+                self._advance(skipped=1)
             else:
                 self.write_sample(sample, trainer)
-                self.written += 1
-            if self._bar is not None:
-                self._bar.update(1)
-                self._bar.set_postfix(written=self.written, skipped=self.skipped, refresh=False)
+                self._advance(written=1)
+
+    def _advance(self, written: int = 0, skipped: int = 0) -> None:
+        self.written += written
+        self.skipped += skipped
+        if self._bar is not None:
+            self._bar.update(written + skipped)
+            self._bar.set_postfix(written=self.written, skipped=self.skipped, refresh=False)
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -323,28 +321,23 @@ class GenerationWriter(BasePredictionWriter):
     # Writing one sample
     # ------------------------------------------------------------------------------------------------------------
 
-    def write_sample(self, sample: Mapping[str, Any], trainer: pl.Trainer | None = None) -> Path:
+    def write_sample(self, sample: GeneratedSample, trainer: pl.Trainer | None = None) -> Path:
         """Write one sample (unconditionally) and return its folder.
 
         Args:
-            sample: ``frame_id`` (str), ``prompt`` (str), ``seed`` (int), ``mode`` (``"text"``/``"layout"``),
-                ``images`` ``(V, 3, H, W)`` float in ``[0, 1]``, ``occupancy`` ``(X, Y, Z)`` uint8 train ids,
-                ``probabilities`` ``(C, X, Y, Z)`` or ``None``, ``condition`` ``(X, Y, Z)`` uint8 or ``None``,
-                ``intrinsics`` ``(V, 3, 3)`` at the image size, ``voxel_to_camera`` ``(V, 4, 4)``, ``voxel_origin``
-                ``(3,)``, ``voxel_size`` (float), ``meta`` (JSON-serialisable dict). Tensors or arrays.
+            sample: The sample (validated on construction).
             trainer: supplies ``ckpt_path`` for ``meta.json``.
 
         Raises:
-            ValueError: a malformed sample or one an export cannot hold; nothing is written then.
+            TypeError: ``sample`` is not a :class:`GeneratedSample`.
+            ValueError: a ``frame_id`` reserved for an export folder, labels beyond ``class_names``, or a sample an
+                export cannot hold; nothing is written then.
         """
-        s = self._check_sample(sample)
-        frame_id: str = s["frame_id"]
-        prepared = {}
-        for name in self.export:
-            exporter = self._exporter(name)
-            prepared[name] = exporter.prepare(
-                frame_id, s["labels"], s["images"], s["intrinsics"], s["voxel_to_camera"], s["voxel_origin"], s["size"]
-            )
+        if not isinstance(sample, GeneratedSample):
+            raise TypeError(f"write_sample takes a GeneratedSample, got {type(sample).__name__}")
+        frame_id = check_frame_id(sample.frame_id)
+        self._check_classes(sample)
+        prepared = {name: self._exporter(name).prepare(sample) for name in self.export}
         directory = self.sample_dir(frame_id)
         directory.mkdir(parents=True, exist_ok=True)
         # The sample is incomplete from here until the new meta.json lands.
@@ -355,26 +348,26 @@ class GenerationWriter(BasePredictionWriter):
             atomic_write(directory / name, data)
             files.append(name)
 
-        views = s["images"]
+        views = sample.pixels
         for v, image in enumerate(views):
             put("image.png" if len(views) == 1 else f"image_{v}.png", png_bytes(image))
-        arrays = {
-            "labels": s["labels"],
-            "voxel_origin": s["voxel_origin"],
-            "voxel_size": np.float32(s["size"]),
-            "intrinsics": s["intrinsics"],
-            "voxel_to_camera": s["voxel_to_camera"],
+        arrays: dict[str, np.ndarray] = {
+            "labels": sample.labels,
+            "voxel_origin": sample.voxel_origin,
+            "voxel_size": np.asarray(sample.voxel_size, dtype=np.float32),
+            "intrinsics": sample.intrinsics,
+            "voxel_to_camera": sample.voxel_to_camera,
         }
-        if s["condition"] is not None:
-            arrays["condition"] = s["condition"]
-        if self.save_probabilities and s["probabilities"] is not None:
-            arrays["probabilities"] = s["probabilities"]
+        if sample.condition is not None:
+            arrays["condition"] = sample.condition
+        if self.save_probabilities and sample.probabilities is not None:
+            arrays["probabilities"] = sample.probabilities
         if self.class_names is not None:
             arrays["class_names"] = np.asarray(self.class_names, dtype=str)
         atomic_write(directory / "occupancy.npz", lambda f: write_npz(f, arrays, stored=("probabilities",)))
         files.append("occupancy.npz")
         if self.render:
-            put("occupancy.png", png_bytes(self._figure(s)))
+            put("occupancy.png", png_bytes(self._figure(sample)))
         exports: dict[str, Any] = {}
         for name, frame in prepared.items():
             record = self._exporters[name].write(frame)
@@ -383,15 +376,15 @@ class GenerationWriter(BasePredictionWriter):
         ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         meta = {
             "frame_id": frame_id,
-            "prompt": s["prompt"],
-            "seed": s["seed"],
-            "mode": s["mode"],
-            "meta": s["meta"],
+            "prompt": sample.prompt,
+            "seed": sample.seed,
+            "mode": sample.mode,
+            "meta": sample.meta,
             "files": files,
             "exports": exports,
-            "num_views": int(views.shape[0]),
-            "image_size": [int(views.shape[1]), int(views.shape[2])],
-            "grid_size": list(s["labels"].shape),
+            "num_views": sample.views,
+            "image_size": list(sample.image_size),
+            "grid_size": list(sample.grid_size),
             "class_names": self.class_names,
             "checkpoint": str(ckpt) if ckpt is not None else None,
             "package_version": occscene_pl.__version__,
@@ -406,83 +399,25 @@ class GenerationWriter(BasePredictionWriter):
             self._exporters[name] = _EXPORTERS[name](self.root / name, **self._export_options[name])
         return self._exporters[name]
 
-    def _check_sample(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate a sample and convert it to NumPy: images become ``(V, H, W, 3)`` uint8."""
-        missing = [key for key in _REQUIRED_KEYS if key not in sample]
-        frame_id = check_frame_id(sample.get("frame_id"))
-        if missing:
-            raise ValueError(f"prediction for frame {frame_id!r} lacks {missing}")
-
-        def fail(message: str) -> ValueError:
-            return ValueError(f"prediction for frame {frame_id!r}: {message}")
-
-        images = _numpy(sample["images"], np.float32)
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise fail(f"images must be (V, 3, H, W), got shape {images.shape}")
-        images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
-        images = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        views = images.shape[0]
-        labels = _numpy(sample["occupancy"])
-        if labels.ndim != 3 or labels.dtype.kind not in "iub" or labels.min() < 0 or labels.max() > 255:
-            raise fail(f"occupancy must be (X, Y, Z) uint8 train ids, got shape {labels.shape} dtype {labels.dtype}")
-        labels = labels.astype(np.uint8)
-        condition = sample.get("condition")
-        if condition is not None:
-            condition = _numpy(condition)
-            if condition.shape != labels.shape or condition.dtype.kind not in "iub":
-                raise fail(f"condition must be integer like occupancy {labels.shape}, got {condition.shape}")
-            condition = condition.astype(np.uint8)
+    def _check_classes(self, sample: GeneratedSample) -> None:
+        """Refuse labels (and condition labels) beyond the configured ``class_names``; 255 is always allowed."""
         classes = len(self.colors) if self.colors is not None else 256
-        for name, grid in (("occupancy", labels), ("condition", condition)):
+        for name, grid in (("labels", sample.labels), ("condition", sample.condition)):
             known = np.zeros(0) if grid is None else grid[grid != 255]
             if known.size and int(known.max()) >= classes:
-                raise fail(f"{name} has label {int(known.max())} but only {classes} class_names are given")
-        probabilities = sample.get("probabilities")
-        if probabilities is not None:
-            probabilities = _numpy(probabilities, np.float16)
-            if probabilities.ndim != 4 or probabilities.shape[1:] != labels.shape:
-                raise fail(f"probabilities must be (C, {', '.join(map(str, labels.shape))}), got {probabilities.shape}")
-        intrinsics = _numpy(sample["intrinsics"], np.float32)
-        voxel_to_camera = _numpy(sample["voxel_to_camera"], np.float32)
-        if intrinsics.shape != (views, 3, 3) or voxel_to_camera.shape != (views, 4, 4):
-            raise fail(
-                f"intrinsics {intrinsics.shape} and voxel_to_camera {voxel_to_camera.shape} must be "
-                f"({views}, 3, 3) and ({views}, 4, 4) for {views} view(s)"
-            )
-        origin = _numpy(sample["voxel_origin"], np.float32).reshape(-1)
-        size = float(_numpy(sample["voxel_size"]))
-        if origin.shape != (3,) or not size > 0:
-            raise fail(f"voxel_origin must be (3,) and voxel_size positive, got {origin.shape} and {size}")
-        if sample["mode"] not in _MODES:
-            raise fail(f"mode must be one of {list(_MODES)}, got {sample['mode']!r}")
-        meta = sample.get("meta") or {}
-        if not isinstance(meta, Mapping):
-            raise fail(f"meta must be a dict, got {type(meta).__name__}")
-        return {
-            "frame_id": frame_id,
-            "prompt": str(sample["prompt"]),
-            "seed": int(sample["seed"]),
-            "mode": sample["mode"],
-            "meta": dict(meta),
-            "images": images,
-            "labels": labels,
-            "condition": condition,
-            "probabilities": probabilities,
-            "intrinsics": intrinsics,
-            "voxel_to_camera": voxel_to_camera,
-            "voxel_origin": origin,
-            "size": size,
-        }
+                raise ValueError(
+                    f"sample {sample.frame_id!r}: {name} has label {int(known.max())} but only {classes} class_names "
+                    "are given"
+                )
 
-    def _figure(self, s: Mapping[str, Any]) -> np.ndarray:
+    def _figure(self, sample: GeneratedSample) -> np.ndarray:
         """``occupancy.png``: image | occupancy | BEV, and below it the condition's two panels, right-aligned."""
-        image = s["images"][0]
-        height, width = image.shape[:2]
-        camera = (s["voxel_origin"], s["size"], s["intrinsics"][0], s["voxel_to_camera"][0], (height, width))
-        top = render_occupancy_figure(s["labels"], *camera, colors=self.colors, image=image)
-        if s["condition"] is None:
+        image = sample.pixels[0]
+        camera = (sample.voxel_origin, sample.voxel_size, sample.intrinsics[0], sample.voxel_to_camera[0])
+        top = render_occupancy_figure(sample.labels, *camera, sample.image_size, colors=self.colors, image=image)
+        if sample.condition is None:
             return top
-        bottom = render_occupancy_figure(s["condition"], *camera, colors=self.colors)
+        bottom = render_occupancy_figure(sample.condition, *camera, sample.image_size, colors=self.colors)
         gap = 4
         canvas = np.full((top.shape[0] + gap + bottom.shape[0], max(top.shape[1], bottom.shape[1]), 3), 255, np.uint8)
         canvas[: top.shape[0], : top.shape[1]] = top

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
 import torch
 
+from occscene_pl.camera import Camera
 from occscene_pl.geometry import VoxelProjection, project_voxels
 from occscene_pl.models.perceiver import OccupancyPerceiver, lift_features
 
@@ -20,7 +23,7 @@ def tiny_perceiver(grid: tuple[int, int, int], **kwargs: object) -> OccupancyPer
     return OccupancyPerceiver(num_classes=5, grid_size=grid, **options)  # type: ignore[arg-type]
 
 
-def kitti_like_inputs(batch: int, views: int, voxel_size: float = 0.4, seed: int = 0) -> dict[str, torch.Tensor]:
+def kitti_like_inputs(batch: int, views: int, voxel_size: float = 0.4, seed: int = 0) -> dict[str, Any]:
     """Cameras looking along the voxel frame's +x (KITTI axes: x forward, y left, z up)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = IMAGE
@@ -31,10 +34,13 @@ def kitti_like_inputs(batch: int, views: int, voxel_size: float = 0.4, seed: int
     cameras[:, 1:, 0, 3] = 0.5  # other views shifted sideways
     return {
         "images": torch.rand(batch, views, 3, height, width, generator=generator),
-        "intrinsics": intrinsics.expand(batch, views, 3, 3),
-        "voxel_to_camera": cameras,
-        "voxel_origin": torch.tensor([0.0, -3.2, -1.6]).expand(batch, 3),
-        "voxel_size": torch.full((batch,), voxel_size),
+        "camera": Camera(
+            intrinsics.expand(batch, views, 3, 3),
+            cameras,
+            torch.tensor([0.0, -3.2, -1.6]).expand(batch, 3),
+            torch.full((batch,), voxel_size),
+            IMAGE,
+        ),
     }
 
 
@@ -95,9 +101,26 @@ def test_duplicated_view_equals_single_view() -> None:
     # The mean over views that see a voxel: the same image twice from the same camera changes nothing.
     model = tiny_perceiver((16, 16, 8), project_scale=1).eval()
     single = kitti_like_inputs(1, 1)
-    double = {key: torch.cat([value, value], dim=1) if value.dim() > 2 else value for key, value in single.items()}
+    camera = single["camera"]
+    double = {
+        "images": torch.cat([single["images"]] * 2, dim=1),
+        "camera": dataclasses.replace(
+            camera,
+            intrinsics=torch.cat([camera.intrinsics] * 2, dim=1),
+            voxel_to_camera=torch.cat([camera.voxel_to_camera] * 2, dim=1),
+        ),
+    }
     with torch.no_grad():
         torch.testing.assert_close(model(**double)["logits"], model(**single)["logits"])
+
+
+def test_images_that_do_not_match_the_camera_are_refused() -> None:
+    model = tiny_perceiver((16, 16, 8), project_scale=1)
+    inputs = kitti_like_inputs(2, 1)
+    with pytest.raises(ValueError, match="do not match the camera"):
+        model(inputs["images"][:1], inputs["camera"])  # one scene, a camera of two
+    with pytest.raises(ValueError, match="do not match the camera"):
+        model(inputs["images"][..., :16, :], inputs["camera"])  # not the camera's image_size
 
 
 def test_images_are_normalised_inside() -> None:

@@ -27,7 +27,7 @@ When colour jitter is on (training, ``color_jitter > 0``) a sample also has the 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
@@ -48,6 +49,7 @@ __all__ = [
     "RawSample",
     "SAMPLE_KEYS",
     "collate_samples",
+    "select_rows",
 ]
 
 SAMPLE_KEYS = (
@@ -188,6 +190,21 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [sample[key] for sample in samples]
         batch[key] = list(values) if isinstance(values[0], str) else default_collate(values)
     return batch
+
+
+def select_rows(batch: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
+    """Rows ``rows`` of a collated batch: every tensor with a batch dimension and every list is indexed, other values
+    are kept; ``rows`` may be empty (lengths 0)."""
+    index = [int(r) for r in rows]
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim > 0:
+            out[key] = value[torch.as_tensor(index, dtype=torch.long, device=value.device)]
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in index]
+        else:
+            out[key] = value
+    return out
 
 
 class OccupancyDataModule(pl.LightningDataModule):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.models import FeatureDictNet
 from torch import Tensor, nn
 
+from occscene_pl.camera import Camera
 from occscene_pl.geometry import VoxelProjection, pixels_to_grid, project_voxels
 from occscene_pl.models.perceiver_blocks import (
     ContextPrior3D,
@@ -247,36 +248,41 @@ class OccupancyPerceiver(nn.Module):
         )
         self.head = SegmentationHead3D(head_channels[-1], head_channels[-1], num_classes)
 
-    def forward(
-        self,
-        images: Tensor,
-        intrinsics: Tensor,
-        voxel_to_camera: Tensor,
-        voxel_origin: Tensor,
-        voxel_size: Tensor | float,
-    ) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, camera: Camera) -> dict[str, Tensor]:
         """Predict semantic occupancy logits.
 
         Args:
             images: ``(B, V, 3, H, W)`` in ``[0, 1]``.
-            intrinsics: ``(B, V, 3, 3)`` at ``(H, W)``.
-            voxel_to_camera: ``(B, V, 4, 4)``.
-            voxel_origin: ``(B, 3)`` corner of voxel ``[0, 0, 0]`` of the output grid (metres).
-            voxel_size: ``(B,)`` or scalar voxel edge of the output grid (metres).
+            camera: The rig of the ``B`` scenes: ``(B, V)`` intrinsics at ``image_size == (H, W)`` and
+                voxel-to-camera transforms, and the output grid's ``voxel_origin`` and ``voxel_size`` (metres).
 
         Returns:
             ``logits`` ``(B, num_classes, X, Y, Z)``; with the context prior also ``relation_logits``
             ``(B, n_relations, N_bottleneck, N_super)`` (voxels and supervoxels flattened in C order).
+
+        Raises:
+            ValueError: ``images`` is not ``(B, V, 3, H, W)`` or does not match ``camera`` (batch, views, size).
         """
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, V, 3, H, W), got {tuple(images.shape)}")
         batch, views, _, height, width = images.shape
+        if (batch, views, height, width) != (camera.batch_size, camera.views, *camera.image_size):
+            raise ValueError(
+                f"images {tuple(images.shape)} do not match the camera: {camera.batch_size} scene(s) of "
+                f"{camera.views} view(s) at image_size {camera.image_size}"
+            )
+        intrinsics = camera.intrinsics
         x = (images.reshape(batch * views, 3, height, width) - self.pixel_mean) / self.pixel_std
         feature_maps = self.decoder(self.encoder(x), x)
 
-        size = torch.as_tensor(voxel_size, dtype=intrinsics.dtype, device=intrinsics.device)
+        size = torch.as_tensor(camera.voxel_size, dtype=intrinsics.dtype, device=intrinsics.device)
         projection = project_voxels(
-            self.lifted_size, voxel_origin, size * self.project_scale, intrinsics, voxel_to_camera, (height, width)
+            self.lifted_size,
+            camera.voxel_origin,
+            size * self.project_scale,
+            intrinsics,
+            camera.voxel_to_camera,
+            (height, width),
         )
         lifted = lift_features(feature_maps, projection, self.lifted_size)  # (B, F, X', Y', Z')
 

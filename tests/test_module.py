@@ -26,6 +26,7 @@ from occscene_pl.data.prompts import PromptDataset
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment
 from occscene_pl.module import OccSceneModule
+from occscene_pl.objective import encode_prompts
 from occscene_pl.samples import GeneratedSample
 from occscene_pl.sampling import SampleResult, labels_to_probabilities
 from tests.conftest import REPO
@@ -398,7 +399,7 @@ def test_text_dropout_replaces_prompts_by_empty_seeded(
 
     def encode(dropout: float, seed: int) -> list[str]:
         torch.manual_seed(seed)
-        module._encode_prompts(prompts, dropout)
+        encode_prompts(module.text_encoder, prompts, dropout, module.device)
         return seen[-1]
 
     first, again, other = encode(0.5, 1), encode(0.5, 1), encode(0.5, 2)

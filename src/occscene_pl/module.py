@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,14 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from occscene_pl import ema as ema_lib
-from occscene_pl import random_streams
+from occscene_pl import objective, random_streams
 from occscene_pl.callbacks import GENERATED_KEY, SampleImageLogger
 from occscene_pl.config import EvaluationConfig, LossConfig, OptimizerConfig, SamplingConfig
 from occscene_pl.generation_metrics import GenerationMetrics
 from occscene_pl.judge import load_judge
-from occscene_pl.losses import SSCLossWeights, diffusion_loss, ssc_loss
+from occscene_pl.losses import SSCLossWeights, ssc_loss
 from occscene_pl.metrics import SSCMetric
 from occscene_pl.models import MambaDualAlignment, OccupancyPerceiver, SceneGenerator, TextEncoder
+from occscene_pl.module_parts import build_metrics, build_networks, check_options
 from occscene_pl.optim import build_optimizer
 from occscene_pl.options import (
     AlignerOptions,
@@ -49,8 +49,9 @@ from occscene_pl.options import (
     TextEncoderOptions,
     coerce_options,
 )
+from occscene_pl.prediction import generated_samples
 from occscene_pl.samples import GeneratedSample
-from occscene_pl.sampling import Camera, labels_to_probabilities, sample_scenes
+from occscene_pl.sampling import Camera, sample_scenes
 
 __all__ = ["OccSceneModule"]
 
@@ -65,35 +66,6 @@ _CAMERA_KEYS = ("intrinsics", "voxel_to_camera", "voxel_origin", "voxel_size")
 # LightningCLI lists their fields in --help and sets them one by one.
 _GENERATOR, _TEXT_ENCODER = GeneratorOptions(), TextEncoderOptions()
 _ALIGNER, _PERCEIVER = AlignerOptions(), PerceiverOptions()
-
-
-def _slice_batch(batch: Mapping[str, Any], index: Sequence[int]) -> dict[str, Any]:
-    """Rows ``index`` of every tensor / list in a collated batch."""
-    rows = torch.as_tensor(list(index), dtype=torch.long)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.ndim > 0:
-            out[key] = value[rows.to(value.device)]
-        elif isinstance(value, list):
-            out[key] = [value[i] for i in index]
-        else:
-            out[key] = value
-    return out
-
-
-def _check_options(
-    mode: str, gt_condition_prob: float, text_dropout: float, condition_dropout: float, ema_decay: float | None
-) -> None:
-    """Raise a ``ValueError`` naming the first out-of-range option of :class:`OccSceneModule`."""
-    if mode not in ("perception", "generation", "joint"):
-        raise ValueError(f"model.mode must be perception, generation or joint, got {mode!r}")
-    probabilities = {"gt_condition_prob": gt_condition_prob, "text_dropout": text_dropout}
-    probabilities["condition_dropout"] = condition_dropout
-    for name, value in probabilities.items():
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"model.{name} must be in [0, 1], got {value}")
-    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-        raise ValueError(f"model.ema_decay must be in (0, 1) or null, got {ema_decay}")
 
 
 class OccSceneModule(pl.LightningModule):
@@ -156,6 +128,7 @@ class OccSceneModule(pl.LightningModule):
         ema_warmup: bool = True,
         init_from: str | None = None,
     ) -> None:
+        """Build the losses, networks, EMA and metrics of ``mode`` (arguments: see the class docstring)."""
         super().__init__()
         # Python callers may pass plain dicts (or None for the defaults), e.g. the hyper-parameters of a checkpoint
         # written before the option classes: converted before they are saved, so checkpoints hold the classes.
@@ -164,7 +137,7 @@ class OccSceneModule(pl.LightningModule):
         aligner = coerce_options(AlignerOptions, aligner)
         perceiver = coerce_options(PerceiverOptions, perceiver)
         self.save_hyperparameters()
-        _check_options(mode, gt_condition_prob, text_dropout, condition_dropout, ema_decay)
+        check_options(mode, gt_condition_prob, text_dropout, condition_dropout, ema_decay)
         self.mode: Mode = mode
         self.num_classes = int(num_classes)
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -184,7 +157,7 @@ class OccSceneModule(pl.LightningModule):
         self._build_losses(class_weights)
         self._build_networks(generator, text_encoder, aligner, perceiver)
         if init_from is not None:
-            self._load_initial_weights(Path(init_from))
+            objective.load_initial_weights(self, Path(init_from))
         self._build_ema()
         if mode == "generation":
             self.perceiver.requires_grad_(False)
@@ -213,26 +186,13 @@ class OccSceneModule(pl.LightningModule):
         perceiver: PerceiverOptions,
     ) -> None:
         """The perceiver always; the generator, text encoder and aligner except in ``perception`` mode."""
-        self.perceiver = OccupancyPerceiver(self.num_classes, self.grid_size, **perceiver.kwargs())
-        self.generator: SceneGenerator | None = None
-        self.text_encoder: TextEncoder | None = None
-        self.aligner: MambaDualAlignment | None = None
-        if self.mode == "perception":
-            return
-        if not generator.is_configured:
-            raise ValueError(
-                f"model.generator is required in {self.mode} mode (model.generator.pretrained or model.generator.unet)"
-            )
-        self.generator = SceneGenerator(**generator.kwargs())
-        self.text_encoder = TextEncoder(**text_encoder.kwargs())
-        if self.text_encoder.width != self.generator.cross_attention_dim:
-            raise ValueError(
-                f"model.text_encoder width {self.text_encoder.width} != the UNet's cross_attention_dim "
-                f"{self.generator.cross_attention_dim}; pick a matching open_clip model or UNet config"
-            )
-        self.aligner = MambaDualAlignment(
-            self.num_classes, self.generator.residual_spec(), self.generator.latent_channels, **aligner.kwargs()
+        networks = build_networks(
+            self.mode, self.num_classes, self.grid_size, generator, text_encoder, aligner, perceiver
         )
+        self.perceiver = networks.perceiver
+        self.generator: SceneGenerator | None = networks.generator
+        self.text_encoder: TextEncoder | None = networks.text_encoder
+        self.aligner: MambaDualAlignment | None = networks.aligner
 
     def _build_ema(self) -> None:
         """The EMA of the UNet and the aligner (``ema_decay`` set and a generator built), else ``self.ema = None``."""
@@ -244,53 +204,22 @@ class OccSceneModule(pl.LightningModule):
 
     def _build_metrics(self) -> None:
         """SSC scores of the perceiver and, with a generator, generation and judge scores, for val and test."""
-        stages = ("val", "test")
-        self.ssc_metrics = nn.ModuleDict({stage: SSCMetric(self.num_classes) for stage in stages})
-        generates = self.mode != "perception"
-        weights, kid_subset = self.evaluation.inception_weights, self.evaluation.kid_subset_size
-        self.generation_metrics = nn.ModuleDict(
-            {
-                stage: GenerationMetrics(self.num_classes, inception_weights=weights, kid_subset_size=kid_subset)
-                for stage in stages
-            }
-            if generates
-            else {}
-        )
-        # The judge's consistency scores (headline ``consistency_*``); the judge itself is loaded on first use and
-        # kept out of the state dict: it is an evaluation instrument, not part of the model.
-        self.judge_metrics = nn.ModuleDict(
-            {stage: SSCMetric(self.num_classes) for stage in stages} if generates else {}
-        )
+        metrics = build_metrics(self.num_classes, self.evaluation, generates=self.mode != "perception")
+        self.ssc_metrics, self.generation_metrics, self.judge_metrics = metrics
+        # The judge itself is loaded on first use and kept out of the state dict: it is an evaluation instrument,
+        # not part of the model.
         self.__dict__["_judge"] = None
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """:class:`~occscene_pl.callbacks.SampleImageLogger` when ``evaluation.log_images > 0`` and scenes are
-        generated in validation / test."""
+        """The callbacks the module needs: the image logger when validation / test log generated images.
+
+        Returns:
+            :class:`~occscene_pl.callbacks.SampleImageLogger` when ``evaluation.log_images > 0`` and scenes are
+            generated in validation / test, else nothing.
+        """
         if self.mode == "perception" or self.evaluation.log_images <= 0:
             return []
         return [SampleImageLogger(self.evaluation.log_images)]
-
-    def _load_initial_weights(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001 - any unpickling error: one message naming the file
-            raise ValueError(f"model.init_from: could not read checkpoint {path}: {error}") from error
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"model.init_from: {path} holds no state dict (expected a Lightning .ckpt)")
-        own = self.state_dict()
-        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        if mismatched:
-            raise ValueError(
-                f"model.init_from: {len(mismatched)} tensors of {path} do not fit this model, e.g. {mismatched[:3]}"
-            )
-        if not matched:
-            raise ValueError(f"model.init_from: no weight of {path} matches this model")
-        self.load_state_dict(matched, strict=False)
-        log.info("init_from %s: loaded %d of %d tensors (%d of the model's)", path, len(matched), len(state), len(own))
 
     def trainable_parts(self) -> dict[str, nn.Module]:
         """The parts the optimizer updates in the current mode (the VAE and text encoder are always frozen)."""
@@ -374,39 +303,41 @@ class OccSceneModule(pl.LightningModule):
     def _ssc(self, output: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return ssc_loss(output, batch, self.ssc_weights, cast(Tensor | None, self.class_weights))
 
-    def _weighted_ssc(self, output: Mapping[str, Tensor], batch: Mapping[str, Any], weights: Tensor) -> Tensor:
-        """``mean_i weights[i] * L_ssc(sample i)`` over the scenes of ``output`` (one loss call per scene)."""
-        total = output["logits"].new_zeros((), dtype=torch.float32)
-        for i in range(weights.shape[0]):
-            sample_out = {k: v[i : i + 1] for k, v in output.items()}
-            total = total + weights[i] * self._ssc(sample_out, _slice_batch(batch, [i]))["loss"]
-        return total / weights.shape[0]
+    def noised_latents(
+        self, images: Tensor, rng: torch.Generator | None = None, t_scene: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Encode images and noise them at one timestep per scene (:func:`occscene_pl.objective.noised_latents`).
 
-    def _timestep_weights(self, timesteps: Tensor) -> Tensor:
-        cfg = self.loss_config
-        if cfg.timestep_weighting == "alpha_bar":
-            assert self.generator is not None
-            return self.generator.alphas_cumprod(timesteps)
-        if cfg.timestep_weighting == "cutoff":
-            return (timesteps < cfg.timestep_cutoff).float()
-        return torch.ones_like(timesteps, dtype=torch.float32)
+        Args:
+            images: ``(B, V, 3, H, W)`` in ``[0, 1]``.
+            rng: The random stream of the step (timesteps, noise); the global one if None.
+            t_scene: ``(B,)`` timesteps to use instead of drawing them.
 
-    def _encode_prompts(self, prompts: Sequence[str], dropout: float, rng: torch.Generator | None = None) -> Tensor:
-        assert self.text_encoder is not None
-        if dropout > 0:
-            drop = torch.rand(len(prompts), generator=rng) < dropout
-            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
-        return self.text_encoder(list(prompts)).to(self.device)
+        Returns:
+            ``(noisy, target, timesteps, t_scene)`` (float32 latents and targets, per view and per scene timesteps).
+        """
+        assert self.generator is not None
+        return objective.noised_latents(self.generator, images, rng, t_scene)
 
     def step_generator(self, step: int, micro_batch: int = 0) -> torch.Generator:
-        """The CPU random stream of one training micro-batch of this rank
-        (:func:`occscene_pl.random_streams.step_generator`)."""
+        """The CPU random stream of one training micro-batch of this rank.
+
+        Args:
+            step: The optimizer step.
+            micro_batch: The micro-batch within the step.
+
+        Returns:
+            :func:`occscene_pl.random_streams.step_generator` of this rank.
+        """
         return random_streams.step_generator(int(self.global_rank), step, micro_batch)
 
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Within the context the generator samples with the EMA UNet and the EMA aligner (if any and
-        ``sampling.use_ema``)."""
+        """Within the context the generator samples with the EMA UNet and aligner (if any and ``sampling.use_ema``).
+
+        Yields:
+            Nothing; the live modules are back on exit.
+        """
         if self.ema is None or self.generator is None or not self.sampling.use_ema:
             yield
             return
@@ -421,6 +352,15 @@ class OccSceneModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The loss of one training batch: the real-image SSC loss and the generation losses of the mode.
+
+        Args:
+            batch: The collated batch.
+            batch_idx: Its index (unused: the random stream is keyed by the optimizer step).
+
+        Returns:
+            The total loss (terms logged under ``train/``).
+        """
         images = batch["image"]
         camera = self.camera(batch)
         batch_size = images.shape[0]
@@ -444,94 +384,10 @@ class OccSceneModule(pl.LightningModule):
             logs.update({f"real_ssc/{k}": v for k, v in terms.items() if k != "loss"})
             logs["real_ssc"] = terms["loss"]
         if self.mode != "perception":
-            total = total + self._generation_losses(batch, camera, real_out, logs, rng)
+            total = total + objective.generation_losses(self, batch, camera, real_out, logs, rng)
 
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, batch_size=batch_size)
-        return total
-
-    def _condition(
-        self, batch: Mapping[str, Any], real_out: Mapping[str, Tensor] | None, rng: torch.Generator | None = None
-    ) -> Tensor:
-        """Training condition per scene: ground truth (prob. ``gt_condition_prob``) or the perceiver's prediction."""
-        gt = labels_to_probabilities(batch["occupancy"], self.num_classes)
-        if self.gt_condition_prob >= 1.0 or real_out is None:
-            return gt
-        predicted = torch.softmax(real_out["logits"].detach().float(), dim=1)
-        draw = torch.rand(gt.shape[0], generator=rng).to(gt.device)
-        use_gt = (draw < self.gt_condition_prob).view(-1, 1, 1, 1, 1)
-        return torch.where(use_gt, gt, predicted)
-
-    def noised_latents(
-        self, images: Tensor, rng: torch.Generator | None = None, t_scene: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Encode ``(B, V, 3, H, W)`` images and noise them at one timestep per scene, shared by its views.
-
-        Everything here is float32 whatever the autocast: in bf16 the noise term at small ``t`` (``sqrt(1 -
-        alpha_bar_1)`` ~ 0.03) vanishes next to the latent's own rounding error.
-
-        Args:
-            images: ``(B, V, 3, H, W)`` in ``[0, 1]``.
-            rng: The random stream of the step (timesteps, noise); the global one if None.
-            t_scene: ``(B,)`` timesteps to use instead of drawing them.
-
-        Returns:
-            ``(noisy, target, timesteps, t_scene)``: ``(B*V, c, h, w)`` float32 latents and regression targets,
-            ``(B*V,)`` timesteps and the ``(B,)`` timesteps of the scenes.
-        """
-        assert self.generator is not None
-        gen = self.generator
-        b, v = images.shape[:2]
-        with torch.no_grad():
-            clean = gen.encode(images.flatten(0, 1)).float()
-        if t_scene is None:
-            t_scene = torch.randint(0, gen.num_train_timesteps, (b,), generator=rng)
-        t_scene = t_scene.to(clean.device)
-        with torch.autocast(device_type=clean.device.type, enabled=False):
-            noisy, target, timesteps = gen.training_targets(
-                clean, generator=rng, timesteps=t_scene.repeat_interleave(v)
-            )
-        return noisy, target.float(), timesteps, t_scene
-
-    def _generation_losses(
-        self,
-        batch: Mapping[str, Any],
-        camera: Camera,
-        real_out: Mapping[str, Tensor] | None,
-        logs: dict[str, Tensor],
-        rng: torch.Generator | None = None,
-    ) -> Tensor:
-        assert self.generator is not None and self.aligner is not None
-        gen, cfg = self.generator, self.loss_config
-        images = batch["image"]
-        b, v = images.shape[:2]
-        noisy, target, timesteps, t_scene = self.noised_latents(images, rng)
-        logs["timestep"] = t_scene.float().mean()
-        text = self._encode_prompts(batch["prompt"], self.text_dropout, rng).repeat_interleave(v, 0)
-        condition = self._condition(batch, real_out, rng)
-        down, mid = self.aligner(condition, camera, noisy)
-        if self.condition_dropout > 0 and down is not None and mid is not None:
-            # Scenes trained without a condition: zero residuals are exactly the UNet without the aligner.
-            kept = (torch.rand(b, generator=rng) >= self.condition_dropout).repeat_interleave(v)
-            kept = kept.to(device=noisy.device).view(-1, 1, 1, 1)
-            down = [r * kept.to(r.dtype) for r in down]
-            mid = mid * kept.to(mid.dtype)
-        prediction = gen(noisy, timesteps, text, down, mid)
-        diffusion = diffusion_loss(prediction, target)
-        logs["diffusion"] = diffusion
-        total = cfg.diffusion * diffusion
-        if self.mode == "joint" and cfg.generated_ssc > 0:
-            weights = self._timestep_weights(t_scene)
-            keep = torch.nonzero(weights > 0).flatten().tolist()
-            if keep:
-                x0 = gen.predict_x0(noisy, prediction, timesteps).unflatten(0, (b, v))[keep]
-                estimate = gen.decode(x0.flatten(0, 1)).unflatten(0, (len(keep), v))
-                sub = _slice_batch(batch, keep)
-                output = self.perceive(estimate, self.camera({**sub, "image": estimate}))
-                # Scenes with g(t) = 0 contribute 0 to the mean over the whole batch.
-                generated = self._weighted_ssc(output, sub, weights[keep]) * len(keep) / b
-                logs["generated_ssc"] = generated
-                total = total + cfg.generated_ssc * generated
         return total
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -545,8 +401,10 @@ class OccSceneModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> dict[str, Tensor] | None:
-        """The shared validation / test step: SSC scores of the perceiver on the real images, then (for the first
-        ``generation_batches``) scenes generated from the ground truth and their scores.
+        """The shared validation / test step: SSC scores of the perceiver, then generation scores.
+
+        The perceiver is scored on the real images; for the first ``generation_batches`` scenes are also generated
+        from the ground truth and scored.
 
         Returns:
             ``{GENERATED_KEY: (B, V, 3, H, W) images}`` when scenes were generated (read by
@@ -572,7 +430,7 @@ class OccSceneModule(pl.LightningModule):
     def _generate(self, batch: Mapping[str, Any], camera: Camera, condition: Tensor | None, seeds: Any = None) -> Any:
         assert self.generator is not None and self.text_encoder is not None and self.aligner is not None
         if seeds is None:
-            seeds = [self.sampling.seed + zlib.crc32(str(f).encode()) for f in batch["frame_id"]]
+            seeds = [random_streams.frame_seed(self.sampling.seed, f) for f in batch["frame_id"]]
         s = self.sampling
         with self.ema_weights():
             return sample_scenes(
@@ -621,6 +479,7 @@ class OccSceneModule(pl.LightningModule):
         return self._evaluate(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
+        """Log and reset the validation metrics."""
         self._evaluation_epoch_end("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
@@ -628,16 +487,10 @@ class OccSceneModule(pl.LightningModule):
         return self._evaluate(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
+        """Log and reset the test metrics."""
         self._evaluation_epoch_end("test")
 
     # ------------------------------------------------------------------ predict
-    def _consistency(self, predicted: Tensor, reference: Tensor) -> tuple[float, float]:
-        """``(mIoU, IoU)`` of predicted labels against reference labels (255 ignored)."""
-        metric = SSCMetric(self.num_classes).to(predicted.device)
-        metric.update(predicted, reference.to(predicted.device))
-        scores = metric.compute()
-        return float(scores["miou"]), float(scores["iou"])
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[GeneratedSample]:
         """Generate every scene of the batch (text-only or layout-controlled, ``sampling.predict_mode``).
 
@@ -662,47 +515,26 @@ class OccSceneModule(pl.LightningModule):
         condition = batch["occupancy"] if mode == "layout" else None
         camera = self.camera(batch)
         result = self._generate(batch, camera, condition, seeds=batch.get("seed"))
-        labels = result.logits.argmax(1).to(torch.uint8)
+        meta = {
+            "sampler": self.generator.sampler if self.generator is not None else None,
+            "num_inference_steps": self.sampling.num_inference_steps,
+            "guidance_scale": self.sampling.guidance_scale,
+            "occupancy_refresh": self.sampling.occupancy_refresh,
+            "eta": self.sampling.eta,
+            "ema": self.ema is not None and self.sampling.use_ema,
+        }
         judged = self.judged_labels(result.images, camera)
-        probabilities = torch.softmax(result.logits.float(), dim=1).half()
-        seeds = batch.get("seed")
-        samples: list[GeneratedSample] = []
-        for i, frame_id in enumerate(batch["frame_id"]):
-            seed = int(seeds[i]) if seeds is not None else self.sampling.seed + zlib.crc32(str(frame_id).encode())
-            meta: dict[str, Any] = {
-                "sampler": self.generator.sampler if self.generator is not None else None,
-                "num_inference_steps": self.sampling.num_inference_steps,
-                "guidance_scale": self.sampling.guidance_scale,
-                "occupancy_refresh": self.sampling.occupancy_refresh,
-                "eta": self.sampling.eta,
-                "ema": self.ema is not None and self.sampling.use_ema,
-            }
-            if condition is not None:
-                scores = self._consistency(labels[i : i + 1], condition[i : i + 1])
-                meta["cotrained_consistency_miou"], meta["cotrained_consistency_iou"] = scores
-            if judged is not None:
-                # The judge's reading of the generated image vs the layout it was generated from (layout mode) or
-                # vs the occupancy generated with it (text mode).
-                reference = condition[i : i + 1] if condition is not None else labels[i : i + 1]
-                meta["consistency_miou"], meta["consistency_iou"] = self._consistency(judged[i : i + 1], reference)
-            samples.append(
-                GeneratedSample(
-                    frame_id=str(frame_id),
-                    prompt=str(batch["prompt"][i]),
-                    seed=seed,
-                    mode=mode,
-                    images=result.images[i].cpu().numpy(),
-                    labels=labels[i].cpu().numpy(),
-                    probabilities=probabilities[i].cpu().numpy(),
-                    condition=condition[i].to(torch.uint8).cpu().numpy() if condition is not None else None,
-                    intrinsics=camera.intrinsics[i].cpu().numpy(),
-                    voxel_to_camera=camera.voxel_to_camera[i].cpu().numpy(),
-                    voxel_origin=camera.voxel_origin[i].cpu().numpy(),
-                    voxel_size=float(camera.voxel_size[i]),
-                    meta=meta,
-                )
-            )
-        return samples
+        return generated_samples(
+            batch,
+            result,
+            camera,
+            condition,
+            judged,
+            mode=mode,
+            num_classes=self.num_classes,
+            base_seed=self.sampling.seed,
+            meta=meta,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,10 +1,9 @@
-"""The camera rig of a batch of scenes (``docs/design.md`` §4, §5), shared by the perceiver, the aligner, sampling
-and the module.
+"""The camera rig of a batch of scenes (``docs/design.md`` §4, §5).
 
-:class:`Camera` gathers the five values that place a voxel grid in a set of images (``intrinsics``,
-``voxel_to_camera``, ``voxel_origin``, ``voxel_size`` and the ``image_size`` the intrinsics refer to), so that they
-travel as one argument instead of five. This module imports no model code, so every model may import it without an
-import cycle; :mod:`occscene_pl.sampling` re-exports it.
+Shared by the perceiver, the aligner, sampling and the module. :class:`Camera` gathers the five values that place
+a voxel grid in a set of images (``intrinsics``, ``voxel_to_camera``, ``voxel_origin``, ``voxel_size`` and the
+``image_size`` the intrinsics refer to), so that they travel as one argument instead of five. This module imports no
+model code, so every model may import it without an import cycle; :mod:`occscene_pl.sampling` re-exports it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ class StreamingCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that streams local checkpoints to a temporary file and renames it into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path``; remote paths and ``storage_options`` go to ``TorchCheckpointIO``.
+
+        A local ``path`` is written through a temporary file in the same folder that is renamed into place, so an
+        interrupted save never leaves a truncated checkpoint behind.
+        """
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return

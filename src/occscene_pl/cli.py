@@ -50,6 +50,7 @@ class OccSceneCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the DataModule's class count, names, weights and grid into the model's arguments."""
         # Known only once the DataModule exists; the links also make the data instantiate first.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
@@ -136,6 +137,7 @@ class OccSceneCLI(LightningCLI):
                 self.config[f"{subcommand}.model.{key}"] = value
 
     def before_predict(self) -> None:
+        """Add a default :class:`~occscene_pl.writer.GenerationWriter` unless the trainer already has one."""
         if not any(isinstance(callback, GenerationWriter) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
             self.trainer.callbacks.append(GenerationWriter())  # type: ignore[attr-defined]
 

@@ -98,7 +98,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def _omegaconf_loader() -> Any:
-    """jsonargparse's own loader of its ``omegaconf`` mode (files without a base load exactly as there)."""
+    """The loader of jsonargparse's own ``omegaconf`` mode (files without a base load exactly as there)."""
     from jsonargparse._optionals import get_omegaconf_loader
 
     return get_omegaconf_loader("omegaconf")

@@ -34,7 +34,7 @@ class SSCMetric(Metric):
     confusion: Tensor
 
     def __init__(self, num_classes: int, ignore_index: int = 255, empty_index: int = 0, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (empty + at least one class), got {num_classes}")
         if not 0 <= empty_index < num_classes:

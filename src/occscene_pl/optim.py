@@ -1,5 +1,7 @@
-"""The optimizer of :class:`~occscene_pl.module.OccSceneModule` (``docs/design.md`` §2.2): AdamW with one learning
-rate per trained part and a linear warm-up."""
+"""The optimizer of :class:`~occscene_pl.module.OccSceneModule` (``docs/design.md`` §2.2).
+
+AdamW with one learning rate per trained part and a linear warm-up.
+"""
 
 from __future__ import annotations
 

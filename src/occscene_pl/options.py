@@ -139,8 +139,10 @@ class GeneratorOptions(NetworkOptions):
 
 @dataclass(frozen=True)
 class TextEncoderOptions(NetworkOptions):
-    """:class:`~occscene_pl.models.TextEncoder`: the frozen open_clip text tower; its width must equal the UNet's
-    ``cross_attention_dim``."""
+    """:class:`~occscene_pl.models.TextEncoder`: the frozen open_clip text tower.
+
+    Its width must equal the UNet's ``cross_attention_dim``.
+    """
 
     option = "model.text_encoder"
 
@@ -163,8 +165,10 @@ class TextEncoderOptions(NetworkOptions):
 
 @dataclass(frozen=True)
 class AlignerOptions(NetworkOptions):
-    """:class:`~occscene_pl.models.MambaDualAlignment` (occupancy -> UNet residuals); the classes, the UNet's
-    residual layout and the latent channels come from the data and the generator."""
+    """:class:`~occscene_pl.models.MambaDualAlignment` (occupancy -> UNet residuals).
+
+    The classes, the UNet's residual layout and the latent channels come from the data and the generator.
+    """
 
     option = "model.aligner"
 
@@ -229,8 +233,10 @@ class AlignerOptions(NetworkOptions):
 
 @dataclass(frozen=True)
 class PerceiverOptions(NetworkOptions):
-    """:class:`~occscene_pl.models.OccupancyPerceiver` (MonoScene-style image -> occupancy); the classes and the
-    grid come from the data."""
+    """:class:`~occscene_pl.models.OccupancyPerceiver` (MonoScene-style image -> occupancy).
+
+    The classes and the grid come from the data.
+    """
 
     option = "model.perceiver"
 

@@ -30,9 +30,9 @@ GENERATION_MODES: tuple[str, ...] = ("text", "layout")
 
 
 def check_frame_id(frame_id: Any, reserved: Collection[str] = ()) -> str:
-    """Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
+    r"""Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
 
-    Rejected: non-strings, empty ids, path separators (``/``, ``\\``), NUL, ids starting with ``.`` (``.``, ``..``
+    Rejected: non-strings, empty ids, path separators (``/``, ``\``), NUL, ids starting with ``.`` (``.``, ``..``
     and hidden temporary files), and the names in ``reserved`` (e.g. the writer's export folders).
     """
     if not isinstance(frame_id, str):

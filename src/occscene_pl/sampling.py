@@ -27,8 +27,12 @@ __all__ = ["Camera", "SampleResult", "initial_noise", "labels_to_probabilities",
 
 @dataclass
 class SampleResult:
-    """Output of :func:`sample_scenes`: ``images (B, V, 3, H, W)`` in ``[0, 1]`` and the perceiver's ``logits
-    (B, C, X, Y, Z)`` on them."""
+    """Output of :func:`sample_scenes`.
+
+    Attributes:
+        images: ``(B, V, 3, H, W)`` generated images in ``[0, 1]``.
+        logits: ``(B, C, X, Y, Z)`` the perceiver's logits on ``images``.
+    """
 
     images: Tensor
     logits: Tensor

@@ -59,9 +59,9 @@ META_FILE = "meta.json"
 
 
 def check_frame_id(frame_id: Any) -> str:
-    """Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
+    r"""Return ``frame_id`` if it is a safe folder name, else raise a ``ValueError`` naming it.
 
-    Rejected: non-strings, empty ids, path separators (``/``, ``\\``), NUL, ids starting with ``.`` (``.``, ``..``
+    Rejected: non-strings, empty ids, path separators (``/``, ``\``), NUL, ids starting with ``.`` (``.``, ``..``
     and hidden temporary files), and the export folder names (``semantic_kitti``, ``nuscenes_occupancy``).
     """
     return _check_safe_name(frame_id, reserved=SUPPORTED_EXPORTS)
@@ -203,9 +203,12 @@ class GenerationWriter(BasePredictionWriter):
         return self.root / check_frame_id(frame_id)
 
     def is_complete(self, frame_id: str) -> bool:
-        """Whether ``frame_id`` is on disk: ``meta.json`` readable, every file it lists present, and every export
-        this writer is configured for recorded there with the same options (split, sequences, image size), so
-        enabling an export or changing its options re-writes older samples."""
+        """Whether ``frame_id`` is completely on disk.
+
+        Complete means: ``meta.json`` readable, every file it lists present, and every export this writer is
+        configured for recorded there with the same options (split, sequences, image size), so enabling an export or
+        changing its options re-writes older samples.
+        """
         directory = self.sample_dir(frame_id)
         try:
             meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
@@ -228,6 +231,7 @@ class GenerationWriter(BasePredictionWriter):
     # ------------------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the output folder and, when no ``class_names`` were given, take the module's."""
         super().setup(trainer, pl_module, stage)
         self.resolve_output_dir(trainer)
         module_names = getattr(pl_module, "class_names", None)
@@ -236,6 +240,7 @@ class GenerationWriter(BasePredictionWriter):
             self.colors = palette(len(self.class_names))
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the output folder, reset the written/skipped counts and open the progress bar."""
         self.resolve_output_dir(trainer)
         self.written = self.skipped = 0
         self._close_bar()
@@ -261,6 +266,7 @@ class GenerationWriter(BasePredictionWriter):
         self._advance(skipped=len(frame_ids) - len(keep))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the progress bar and, with exports, wait for every rank and :meth:`finalize` them on rank 0."""
         self._close_bar()
         if not self.export:
             return
@@ -276,6 +282,7 @@ class GenerationWriter(BasePredictionWriter):
             self._exporter(name).finalize()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Close the progress bar (also when prediction stopped early)."""
         self._close_bar()
 
     def write_on_batch_end(

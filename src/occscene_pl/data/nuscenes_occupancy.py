@@ -368,6 +368,7 @@ class NuScenesOccupancyDataset(OccupancyDataset):
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` of the returned occupancy."""
         return self._grid_size
 
     def __len__(self) -> int:
@@ -459,6 +460,7 @@ class NuScenesOccupancyDataModule(OccupancyDataModule):
         self.crop_box = tuple(crop_box) if crop_box is not None else None
 
     def build_dataset(self, split: str, augment: bool) -> NuScenesOccupancyDataset:
+        """The reader of ``split``; ``augment`` turns on colour jitter and flips."""
         return NuScenesOccupancyDataset(
             self.root,
             occupancy_root=self.occupancy_root,

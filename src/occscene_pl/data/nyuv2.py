@@ -303,7 +303,7 @@ class NYUv2Dataset(OccupancyDataset):
                 f"grid_size {grid} is not isotropic: NYUv2 grids span {self.SCENE_SIZE[0]} m x {self.SCENE_SIZE[1]} m "
                 "horizontally, so X must equal Y"
             )
-        self._grid_size: tuple[int, int, int] = grid  # type: ignore[assignment]
+        self._grid_size: tuple[int, int, int] = grid
         self.voxel_size = self.VOXEL_SIZE * (self.default_grid_size[0] / grid[0])
         x, y, z = grid
         self.full_grid_size = (self.DOWNSAMPLE * x, self.DOWNSAMPLE * z, self.DOWNSAMPLE * y)

@@ -163,8 +163,10 @@ def _pool_conv_bn(channels: int, pool: tuple[int, int, int], bn_momentum: float)
 
 
 class DDRBottleneck3D(nn.Module):
-    """DDR residual bottleneck (MonoScene ``DDR.Bottleneck3D``): 1x1 reduce, factorised dilated 1x1x3 / 1x3x1 / 3x1x1
-    convs with dense residuals between them, 1x1 expand, identity (or ``shortcut``) residual.
+    """DDR residual bottleneck (MonoScene ``DDR.Bottleneck3D``).
+
+    1x1 reduce, factorised dilated 1x1x3 / 1x3x1 / 3x1x1 convs with dense residuals between them, 1x1 expand,
+    identity (or ``shortcut``) residual.
 
     With ``stride > 1`` the three factorised convs stride along z, y, x in turn and the dense residuals are pooled to
     match. Departure from MonoScene: its pooled-residual branches are created even for ``stride == 1``, where they are

@@ -401,6 +401,7 @@ class TextEncoder(nn.Module):
         return tower.ln_final(x)
 
     def extra_repr(self) -> str:
+        """Model name, width, context length and padding, for ``repr(module)``."""
         return (
             f"model_name={self.model_name!r}, width={self.width}, context_length={self.context_length}, "
             f"padding={self.padding!r}"

@@ -156,8 +156,10 @@ def _check_inputs(
 
 
 def _expand_groups(X: Tensor, dim: int) -> Tensor:
-    """``(batch, G, N, L) -> (batch, dim, N, L)``: channel ``d`` uses group ``d // (dim // G)`` (einops
-    ``"B G N L -> B (G H) N L"`` in mamba)."""
+    """Expand grouped B/C ``(batch, G, N, L)`` to ``(batch, dim, N, L)``.
+
+    Channel ``d`` uses group ``d // (dim // G)`` (einops ``"B G N L -> B (G H) N L"`` in mamba).
+    """
     return X.repeat_interleave(dim // X.shape[1], dim=1)
 
 
@@ -281,8 +283,16 @@ def selective_scan_chunked(
     portable fallback, not the fast path.
 
     Args:
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state: See
-            :func:`selective_scan_reference`.
+        u: ``(batch, dim, L)`` input sequence.
+        delta: ``(batch, dim, L)`` time steps (before ``delta_bias`` / softplus).
+        A: ``(dim, N)`` real state matrix.
+        B: ``(dim, N)``, ``(batch, N, L)`` or grouped ``(batch, G, N, L)``, as in :func:`selective_scan_reference`.
+        C: Same layouts as B.
+        D: Optional ``(dim,)`` skip connection.
+        z: Optional ``(batch, dim, L)`` gate; the output is multiplied by ``silu(z)``.
+        delta_bias: Optional ``(dim,)`` added to delta.
+        delta_softplus: Apply softplus to ``delta + delta_bias``.
+        return_last_state: Also return the final state.
         chunk_size: Steps per chunk (default ``round(sqrt(L))``).
 
     Returns:
@@ -370,7 +380,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
     """Autograd wrapper of the numba kernels; all inputs are contiguous CPU tensors of one compute dtype."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         u: Tensor,
         dt: Tensor,
@@ -396,9 +406,7 @@ class _NumbaSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: Any, dout: Tensor | None, dlast: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dout: Tensor | None, dlast: Tensor | None) -> tuple[Tensor | None, ...]:
         u, dt, A, B, C, D, z, ck = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
@@ -431,8 +439,11 @@ def _selective_scan_numba(
     delta_softplus: bool,
     return_last_state: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """CPU fast path.  Bias/softplus, dtype casts and layout changes are cheap element-wise torch ops done here
-    (autograd differentiates them); the scan, D and the SiLU gate run inside the kernels."""
+    """CPU fast path: the selective scan in the numba kernels.
+
+    Bias/softplus, dtype casts and layout changes are cheap element-wise torch ops done here (autograd
+    differentiates them); the scan, D and the SiLU gate run inside the kernels.
+    """
     cdt = _compute_dtype(u.dtype)
     out, last = _NumbaSelectiveScan.apply(
         u.to(cdt).contiguous(),
@@ -448,8 +459,11 @@ def _selective_scan_numba(
 
 
 def selective_scan_backend(u: Tensor) -> str:
-    """Name of the backend :func:`selective_scan` uses for inputs like ``u``: ``"mamba_ssm"``, ``"numba"`` or
-    ``"torch"`` (see the module docstring)."""
+    """Name of the backend :func:`selective_scan` uses for inputs like ``u``.
+
+    Returns:
+        ``"mamba_ssm"``, ``"numba"`` or ``"torch"`` (see the module docstring).
+    """
     if u.device.type == "cuda":
         return "mamba_ssm" if HAS_MAMBA_SSM and u.dtype in _MAMBA_DTYPES else "torch"
     if u.device.type == "cpu" and HAS_NUMBA and _load_scan_kernels() is not None:

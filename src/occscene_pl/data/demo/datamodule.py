@@ -53,6 +53,7 @@ class DemoDataModule(SemanticKittiDataModule):
         generate_demo_dataset(self.root, self.num_train, self.num_val, self.grid_size, self.render_size, self.seed)
 
     def build_dataset(self, split: str, augment: bool) -> SemanticKittiDataset:
+        """The reader of ``split`` (``train``: sequence 00, any other: sequence 08); ``augment`` as in the base."""
         # The demo's "test" split is its labelled val sequence, so `occscene-pl test` works on it.
         reader_split, sequence = ("train", "00") if split == "train" else ("val", "08")
         SemanticKittiDataset.check_split(split)

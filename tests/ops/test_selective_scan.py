@@ -235,7 +235,7 @@ def test_fast_path_noncontiguous_and_partial_grads() -> None:
 @requires_numba
 def test_fast_exp_accuracy_and_special_values() -> None:
     """The float32 kernels use their own vectorisable exp; check it against float64 exp and IEEE special cases."""
-    kernels = importlib.import_module("occscene_pl.ops._scan_kernels")
+    kernels = importlib.import_module("occscene_pl.ops._scan_kernels_common")
     x = torch.cat([torch.linspace(-86.0, 88.0, 20_000), torch.tensor([0.0, -1e-30, float("nan"), float("-inf")])])
     x = torch.cat([x, torch.tensor([float("inf"), -200.0, 200.0])])
     n = x.numel()

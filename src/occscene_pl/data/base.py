@@ -115,6 +115,7 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
         flip_prob: float = 0.0,
         captions: str | Path | None = None,
     ) -> None:
+        """Set up the shared image transform and, when given, read the captions file."""
         self.transform = ImageTransform(image_size, color_jitter, flip_prob)
         self.captions_path = Path(captions) if captions is not None else None
         self.captions = load_captions(captions) if captions is not None else None
@@ -127,7 +128,8 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
         return split
 
     @abc.abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Number of samples (frames) of the split."""
 
     @abc.abstractmethod
     def load(self, index: int) -> RawSample:
@@ -144,6 +146,21 @@ class OccupancyDataset(Dataset[dict[str, Any]], abc.ABC):
         return describe_scene(occupancy, self.class_names, self.scene_description)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` in the common schema (:data:`SAMPLE_KEYS`, plus ``perceiver_image`` when jittered).
+
+        Loads the raw frame (:meth:`load`), applies the image transform to every view and its camera, fills a
+        missing occupancy with the ignore label and attaches the prompt (:meth:`prompt_for`).
+
+        Args:
+            index: sample index in ``[0, len(self))``.
+
+        Returns:
+            The sample dictionary.
+
+        Raises:
+            IndexError: if ``index`` is out of range.
+            ValueError: if the loaded occupancy does not have the dataset's ``grid_size``.
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         raw = self.load(index)
@@ -193,8 +210,17 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def select_rows(batch: Mapping[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """Rows ``rows`` of a collated batch: every tensor with a batch dimension and every list is indexed, other values
-    are kept; ``rows`` may be empty (lengths 0)."""
+    """Rows ``rows`` of a collated batch.
+
+    Every tensor with a batch dimension and every list is indexed; other values (0-d tensors, scalars) are kept.
+
+    Args:
+        batch: a batch from :func:`collate_samples`.
+        rows: indices to keep, in order; may be empty (tensors and lists of length 0).
+
+    Returns:
+        A new batch dictionary with the same keys.
+    """
     index = [int(r) for r in rows]
     out: dict[str, Any] = {}
     for key, value in batch.items():
@@ -231,6 +257,7 @@ class OccupancyDataModule(pl.LightningDataModule):
             are used when ``prompts`` is ``None``.
         predict_seed: base seed of text-only generation (sample ``i`` uses ``predict_seed + i``).
         samples_per_prompt: samples drawn per prompt in ``predict``.
+        grid_size: ``(X, Y, Z)`` of the occupancy; ``None`` uses the dataset's default.
         predict_limit: predict only the first this many samples (prompts x samples or dataset samples); None = all.
     """
 
@@ -255,6 +282,12 @@ class OccupancyDataModule(pl.LightningDataModule):
         grid_size: Sequence[int] | None = None,
         predict_limit: int | None = None,
     ) -> None:
+        """Check and store the loader, split and predict options.
+
+        Raises:
+            ValueError: if ``batch_size < 1``, ``num_workers < 0``, a split is not one of the dataset's,
+                ``predict_limit < 1`` or ``grid_size`` is not three positive integers.
+        """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -315,8 +348,13 @@ class OccupancyDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown stage {stage!r}")
 
     def predict_dataset(self) -> Dataset[dict[str, Any]]:
-        """Prompts with the rig of the first ``predict_split`` sample, or that split itself when no prompts (the first
-        ``predict_limit`` samples of either)."""
+        """The dataset ``predict`` iterates over.
+
+        Returns:
+            A :class:`~occscene_pl.data.prompts.PromptDataset` of the prompts with the camera rig of the first
+            ``predict_split`` sample, or that split itself when there are no prompts; only its first
+            ``predict_limit`` samples when a limit is set.
+        """
         dataset = self._predict_dataset()
         if self.predict_limit is not None and self.predict_limit < len(dataset):  # type: ignore[arg-type]
             return Subset(dataset, range(self.predict_limit))
@@ -348,13 +386,17 @@ class OccupancyDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Loader of the training dataset from :meth:`setup`, shuffled, collated by :func:`collate_samples`."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Loader of the validation dataset from :meth:`setup`, in order, collated by :func:`collate_samples`."""
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Loader of the test dataset from :meth:`setup`, in order, collated by :func:`collate_samples`."""
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Loader of the predict dataset from :meth:`setup`, in order, collated by :func:`collate_samples`."""
         return self._loader("predict", shuffle=False)

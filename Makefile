@@ -29,7 +29,7 @@ test-slow: $(STAMP)  ## Run the slow tests
 test-gpu: $(STAMP)  ## Run the GPU tests (needs CUDA)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## Check formatting, lint and types
+lint: $(STAMP)  ## Check formatting, lint (docstrings included) and types: the CI check, also the pre-commit hooks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src

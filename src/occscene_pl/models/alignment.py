@@ -1,7 +1,7 @@
 """Mamba-based Dual Alignment (MDA): a semantic occupancy volume -> ControlNet-style residuals for the UNet.
 
-Our reconstruction of OccScene's MDA module (``reference/paper.md`` §3, §10.4-10.5; DESIGN §4). For every camera
-view of a sample:
+Our reconstruction of OccScene's MDA module (``docs/design.md`` §6, with its departures from the paper). For every
+camera view of a sample:
 
 1. **Occupancy embedding**: a 1x1x1 ``Conv3d`` maps the ``C`` class probabilities of each voxel to ``embed_dim``.
 2. **Frustum resampling** ("interpolation") into a pixel-aligned frustum volume ``(embed_dim, D, h, w)`` whose
@@ -178,8 +178,9 @@ class MambaDualAlignment(nn.Module):
         norm: ``"layer"`` or ``"rms"`` in the Mamba blocks.
         depth_spacing: ``"linear"`` or ``"linear_increasing"`` (see :func:`depth_bin_centers`).
         deform_kernel_size: Kernel of the deformable conv (odd).
-        deformable: False replaces the deformable conv by a plain ``Conv3d`` of the same kernel (paper.md §10.4's
-            fallback): ``K^3`` trilinear gathers per voxel dominate the CPU cost at latent resolution.
+        deformable: False replaces the deformable conv by a plain ``Conv3d`` of the same kernel (the fallback of
+            ``docs/design.md`` §6, step 3): ``K^3`` trilinear gathers per voxel dominate the CPU cost at latent
+            resolution.
         camera_frequencies: Fourier octaves of the camera encoding.
         latent_fusion: Add the patch-embedded noisy latent to the occupancy tokens.
         depth_reduction: ``"attention"`` (softmax over depth tokens of a learned score) or ``"mean"``.

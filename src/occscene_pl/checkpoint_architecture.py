@@ -39,6 +39,7 @@ from occscene_pl.models.generator import SceneGenerator
 __all__ = [
     "ARCHITECTURE_KEY",
     "ArchitectureError",
+    "architecture_entry",
     "generator_architecture",
     "model_architecture",
     "read_architecture",
@@ -118,6 +119,19 @@ def read_architecture(path: str | Path) -> dict[str, Any] | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - unpickling / zip errors of any kind: one line naming the file
         raise ValueError(f"--ckpt_path: could not read checkpoint {path}: {error}") from error
+    return architecture_entry(checkpoint, path)
+
+
+def architecture_entry(checkpoint: Any, path: str | Path) -> dict[str, Any] | None:
+    """The :data:`ARCHITECTURE_KEY` entry of an already loaded checkpoint (see :func:`read_architecture`).
+
+    Args:
+        checkpoint: What ``torch.load`` returned for ``path``.
+        path: The checkpoint file (named in the error).
+
+    Raises:
+        ValueError: The entry is present but not a dict with a ``generator`` key.
+    """
     entry = checkpoint.get(ARCHITECTURE_KEY) if isinstance(checkpoint, dict) else None
     if entry is not None and not (isinstance(entry, dict) and "generator" in entry):
         raise ValueError(f"--ckpt_path: {path} has a malformed {ARCHITECTURE_KEY!r} entry: {entry!r:.200}")

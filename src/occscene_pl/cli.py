@@ -30,7 +30,7 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from occscene_pl.checkpoint_architecture import read_architecture, self_contained_model_config
+from occscene_pl.checkpoint_architecture import architecture_entry, read_architecture, self_contained_model_config
 from occscene_pl.config_files import PARSER_MODE, register_parser_mode
 from occscene_pl.data.base import OccupancyDataModule
 from occscene_pl.module import OccSceneModule
@@ -92,6 +92,8 @@ class OccSceneCLI(LightningCLI):
         except Exception as error:  # noqa: BLE001 - one line naming the file
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({first})") from error
+        # Kept for before_instantiate_classes, so the checkpoint is opened once.
+        self._checkpoint_architecture = (str(ckpt_path), architecture_entry(checkpoint, ckpt_path))
         hparams = dict(checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {})
         hparams.pop("_instantiator", None)
         model = self.config[subcommand]["model"]
@@ -128,7 +130,9 @@ class OccSceneCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         model = self.config[subcommand]["model"]
-        changes = self_contained_model_config(model.as_dict(), read_architecture(ckpt_path), ckpt_path)
+        read = getattr(self, "_checkpoint_architecture", None)
+        architecture = read[1] if read is not None and read[0] == str(ckpt_path) else read_architecture(ckpt_path)
+        changes = self_contained_model_config(model.as_dict(), architecture, ckpt_path)
         for key, value in changes.items():
             if key in _NETWORK_GROUPS:  # typed groups: set field by field (the free-form ones stay dicts)
                 for field, field_value in value.items():

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_models import backward_step  # benchmarks/ is on sys.path (run.py, or running this file)
 
 from occscene_pl.camera import Camera
 from occscene_pl.config_files import read_config
@@ -97,23 +98,11 @@ def run(out_dir: pathlib.Path, repeats: int = 3, threads: int = 2) -> dict[str, 
 
                 return step
 
-            def backward(fn: Callable[[], Any]) -> Callable[[], None]:
-                def step() -> None:
-                    out = fn()
-                    if isinstance(out, tuple):
-                        down, mid = out
-                        loss = sum(d.square().mean() for d in down) + mid.square().mean()
-                    else:
-                        loss = out.square().mean()
-                    loss.backward()
-
-                return step
-
             cases[mode] = {
                 "frustum_volume_forward_s": no_grad(volume),
-                "frustum_volume_forward_backward_s": backward(volume),
+                "frustum_volume_forward_backward_s": backward_step(volume),
                 "forward_s": no_grad(forward),
-                "forward_backward_s": backward(forward),
+                "forward_backward_s": backward_step(forward),
             }
         # Modes alternate inside every repeat (after one warm-up round), so load drifts hit both alike.
         times: dict[str, dict[str, list[float]]] = {mode: {key: [] for key in steps} for mode, steps in cases.items()}

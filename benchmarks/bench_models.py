@@ -39,6 +39,22 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
     return round(statistics.median(times), 4)
 
 
+def backward_step(fn: Callable[[], Any]) -> Callable[[], None]:
+    """A step that runs ``fn`` and back-propagates a mean-square loss of its output (a tensor, or the aligner's
+    ``(down residuals, mid residual)``)."""
+
+    def step() -> None:
+        out = fn()
+        if isinstance(out, tuple):
+            down, mid = out
+            loss = sum(d.square().mean() for d in down) + mid.square().mean()
+        else:
+            loss = out.square().mean()
+        loss.backward()
+
+    return step
+
+
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -91,18 +107,6 @@ def run(out_dir: pathlib.Path, repeats: int = 5) -> dict[str, Any]:
     def perceiver_fwd() -> torch.Tensor:
         return perceiver(images, Camera(*cam, (height, width)))["logits"]
 
-    def backward(fn: Callable[[], Any]) -> Callable[[], None]:
-        def step() -> None:
-            out = fn()
-            if isinstance(out, tuple):
-                down, mid = out
-                loss = sum(d.square().mean() for d in down) + mid.square().mean()
-            else:
-                loss = out.square().mean()
-            loss.backward()
-
-        return step
-
     components: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         components["text_encoder"] = {
@@ -112,9 +116,9 @@ def run(out_dir: pathlib.Path, repeats: int = 5) -> dict[str, Any]:
         components["unet"] = {"params": _params(generator.unet), "forward_s": _median_s(unet_fwd, repeats)}
         components["aligner"] = {"params": _params(aligner), "forward_s": _median_s(aligner_fwd, repeats)}
         components["perceiver"] = {"params": _params(perceiver), "forward_s": _median_s(perceiver_fwd, repeats)}
-    components["unet"]["forward_backward_s"] = _median_s(backward(unet_fwd), repeats)
-    components["aligner"]["forward_backward_s"] = _median_s(backward(aligner_fwd), repeats)
-    components["perceiver"]["forward_backward_s"] = _median_s(backward(perceiver_fwd), repeats)
+    components["unet"]["forward_backward_s"] = _median_s(backward_step(unet_fwd), repeats)
+    components["aligner"]["forward_backward_s"] = _median_s(backward_step(aligner_fwd), repeats)
+    components["perceiver"]["forward_backward_s"] = _median_s(backward_step(perceiver_fwd), repeats)
     return {
         "config": str(CONFIG.name),
         "batch": batch,

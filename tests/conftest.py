@@ -3,6 +3,7 @@ one intra-op thread, skipping ``gpu`` tests without CUDA, and the paths of the r
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,12 @@ REPO = Path(__file__).parents[1]
 # The tiny model overlay of the CLI tests (random-init networks of a few kilobytes).
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
 KITTI_SEQUENCES = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
+
+
+def csv_logger(save_dir: Path) -> str:
+    """A ``--trainer.logger`` argument selecting a CSVLogger writing under ``save_dir``."""
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
+    return f"--trainer.logger={json.dumps(logger)}"
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 
 from occscene_pl.cli import main
-from tests.conftest import REPO, TINY
-
-
-def _csv_logger(save_dir: Path) -> str:
-    """A ``--trainer.logger`` argument selecting a CSVLogger writing under ``save_dir``."""
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
-    return f"--trainer.logger={json.dumps(logger)}"
+from tests.conftest import REPO, TINY, csv_logger
 
 
 def _logged(save_dir: Path) -> dict[str, list[float]]:
@@ -99,7 +93,7 @@ def test_fit_test_predict(dataset_args: tuple[str, list[str], tuple[int, int, in
     """fit logs the perceiver's val/miou and the generation's val/cotrained_consistency_miou; test logs both too;
     validate runs; predict over the split writes every output file of a layout-controlled sample."""
     config, args, grid_size = dataset_args
-    _run("fit", config, tmp_path, *args, _csv_logger(tmp_path / "fit_logs"))
+    _run("fit", config, tmp_path, *args, csv_logger(tmp_path / "fit_logs"))
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))
     assert checkpoints, f"fit wrote no last.ckpt under {tmp_path}"
     assert sorted(tmp_path.rglob("config.yaml")), "fit did not save its resolved config"
@@ -109,7 +103,7 @@ def test_fit_test_predict(dataset_args: tuple[str, list[str], tuple[int, int, in
         assert all(math.isfinite(v) for v in logged[key])
     assert all(0.0 <= v <= 1.0 for v in logged["val/miou"] + logged["val/cotrained_consistency_miou"])
     assert sorted((tmp_path / "fit_logs").rglob("samples/val_step*.png")), "no validation picture was logged"
-    _run("test", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}", _csv_logger(tmp_path / "test_logs"))
+    _run("test", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}", csv_logger(tmp_path / "test_logs"))
     logged = _logged(tmp_path / "test_logs")
     assert {"test/miou", "test/cotrained_consistency_miou"} <= set(logged), sorted(logged)
     _run("validate", config, tmp_path, *args, f"--ckpt_path={checkpoints[0]}")

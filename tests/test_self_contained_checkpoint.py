@@ -26,17 +26,17 @@ from occscene_pl.checkpoint_architecture import (
     read_architecture,
     self_contained_model_config,
 )
-from occscene_pl.cli import main
 from occscene_pl.models import OccupancyPerceiver, SceneGenerator
 from occscene_pl.models.text_encoder import register_tiny_config
-from tests.conftest import REPO, TINY
+from tests.conftest import csv_logger
+from tests.test_module_cli import GRID
+from tests.test_module_cli import run as run_tiny_nyuv2
 
 pytestmark = [
     # Two fit steps in one epoch; the checkpoint callback monitors val/miou, which the tiny fit logs once.
     pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/miou'\\)` could not find the monitored key"),
 ]
 
-GRID = (8, 8, 4)
 NUM_CLASSES = 12  # NYUv2: empty + 11
 UNET = {
     "block_out_channels": [8, 16],
@@ -99,27 +99,7 @@ def model_args(files: dict[str, Path]) -> list[str]:
 
 def run(subcommand: str, nyuv2_root: Path, root: Path, files: dict[str, Path], *extra: str) -> None:
     """``occscene-pl <subcommand>`` on the NYUv2 config + tiny overlay + the fit-time files, writing under ``root``."""
-    main(
-        [
-            subcommand,
-            "--config",
-            str(REPO / "configs" / "nyuv2.yaml"),
-            "--config",
-            TINY,
-            f"--trainer.default_root_dir={root}",
-            f"--data.root={nyuv2_root}",
-            f"--data.grid_size=[{', '.join(map(str, GRID))}]",
-            "--data.image_size=[32, 48]",
-            *model_args(files),
-            *extra,
-        ]
-    )
-
-
-def csv_logger(save_dir: Path) -> str:
-    """A ``--trainer.logger`` argument selecting a CSVLogger writing under ``save_dir``."""
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
-    return f"--trainer.logger={json.dumps(logger)}"
+    run_tiny_nyuv2(subcommand, nyuv2_root, root, *model_args(files), *extra)
 
 
 def logged(save_dir: Path) -> dict[str, str]:

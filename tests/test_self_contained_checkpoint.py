@@ -280,6 +280,23 @@ def test_explicit_model_flags_override_the_checkpoint_settings(
     assert meta["meta"]["guidance_scale"] == sampling["guidance_scale"]
 
 
+def test_an_explicit_missing_judge_is_an_error_not_dropped(
+    fitted: dict[str, Any], nyuv2_root: Path, tmp_path: Path
+) -> None:
+    """A judge named on the command line is not silently dropped when its file is missing (only fit-time files
+    saved in the checkpoint are): predict fails with the judge's own error naming the file."""
+    missing = tmp_path / "no_such_judge.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"model\.evaluation\.judge: checkpoint .*no_such_judge\.ckpt"):
+        run(
+            "predict",
+            nyuv2_root,
+            tmp_path,
+            fitted["files"],
+            f"--ckpt_path={fitted['checkpoint']}",
+            f"--model.evaluation.judge={missing}",
+        )
+
+
 def test_explicit_model_flags_are_parsed_from_the_command_line() -> None:
     from occscene_pl.cli import _set_option, explicit_model_flags
     from occscene_pl.config import SamplingConfig

@@ -146,8 +146,8 @@ def self_contained_model_config(
     Every weights file is dropped (``text_encoder.pretrained``, ``perceiver.pretrained``, ``init_from``: the
     checkpoint overwrites those weights). The evaluation instruments ``evaluation.inception_weights`` and
     ``evaluation.judge`` are not in the checkpoint: a present file is kept, a missing one is dropped with a warning
-    (FID/KID, or the judge's scores, are then skipped; an explicit ``--model.evaluation.*`` flag names a file on this
-    machine). With ``architecture``
+    (FID/KID, or the judge's scores, are then skipped; the CLI keeps a file named by an explicit
+    ``--model.evaluation.*`` flag, so a missing one is an error there). With ``architecture``
     the generator is built from its configs (``pretrained`` None, ``unet``/``vae``/``scheduler`` from the
     checkpoint); without it (an older checkpoint) the generator still needs its ``pretrained`` folder.
 

@@ -133,6 +133,10 @@ class OccSceneCLI(LightningCLI):
         read = getattr(self, "_checkpoint_architecture", None)
         architecture = read[1] if read is not None and read[0] == str(ckpt_path) else read_architecture(ckpt_path)
         changes = self_contained_model_config(model.as_dict(), architecture, ckpt_path)
+        # A missing evaluation file is dropped only when it came from the checkpoint's saved settings: one named on
+        # this command line is kept, so that its absence is the judge's / Inception's own error naming it.
+        explicit = set(explicit_model_flags(self._command_line))
+        changes = {k: v for k, v in changes.items() if not (k.startswith("evaluation.") and k in explicit)}
         for key, value in changes.items():
             if key in _NETWORK_GROUPS:  # typed groups: set field by field (the free-form ones stay dicts)
                 for field, field_value in value.items():
